@@ -1,0 +1,31 @@
+# Every target creates (once) and reuses a local virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check kdq experiments tests
+	$(BIN)/ruff check kdq experiments tests
+
+format: $(STAMP)
+	$(BIN)/ruff format kdq experiments tests
+	$(BIN)/ruff check --fix kdq experiments tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
