@@ -1,0 +1,33 @@
+"""Datasets and grain input pipelines for image classification, without TensorFlow."""
+
+from kdq.data.arrays import from_arrays
+from kdq.data.augment import Augment, RandomAugment, pad_and_crop
+from kdq.data.catalog import CATALOG, CatalogEntry, DatasetNotPreparedError, prepare_command
+from kdq.data.core import Dataset, Example, ExampleSource, default_data_dir
+from kdq.data.digits import load_digits
+from kdq.data.load import load_dataset
+from kdq.data.pipeline import Batch, eval_batches, train_batches
+from kdq.data.sources import ArraySource, TfdsSource, center_crop_and_resize
+
+__all__ = [
+    "CATALOG",
+    "ArraySource",
+    "Augment",
+    "Batch",
+    "CatalogEntry",
+    "Dataset",
+    "DatasetNotPreparedError",
+    "Example",
+    "ExampleSource",
+    "RandomAugment",
+    "TfdsSource",
+    "center_crop_and_resize",
+    "default_data_dir",
+    "eval_batches",
+    "from_arrays",
+    "load_dataset",
+    "load_digits",
+    "pad_and_crop",
+    "prepare_command",
+    "train_batches",
+]

@@ -1,0 +1,143 @@
+"""scikit-learn's 8x8 handwritten digits as an embedded, TensorFlow-free TFDS dataset.
+
+The 1797 images ship inside scikit-learn, so the dataset is built offline: once,
+into ``<data_dir>/digits/1.0.0`` as array_record files, and read back through
+``as_data_source`` (random access, no TensorFlow).
+
+Split: stratified 80/20 with ``sklearn.model_selection.train_test_split``
+(``test_size=0.2``, ``random_state=0``): 1437 train and 360 test examples, stored
+in the order that function returns them.
+
+Concurrent builds: TFDS writes every build into its own
+``<data_dir>/digits/incomplete.<random>_1.0.0`` directory and renames it to
+``1.0.0`` only when complete, so readers never see partial data. When two
+processes build at once, the slower rename fails because the target already
+exists; that process then reads the finished copy written by the faster one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from sklearn.datasets import load_digits as sklearn_load_digits
+from sklearn.model_selection import train_test_split
+
+from kdq.data.core import Dataset, default_data_dir
+from kdq.data.sources import TfdsSource
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (8, 8, 1)
+PIXEL_SCALE = 16.0
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns the stratified train/test row indices into scikit-learn's arrays.
+
+    Args:
+        labels: The ``target`` array of ``sklearn.datasets.load_digits()``.
+
+    Returns:
+        (train_rows, test_rows), each a 1-D int array in storage order.
+    """
+    return train_test_split(
+        np.arange(len(labels)),
+        test_size=TEST_FRACTION,
+        stratify=labels,
+        random_state=SPLIT_SEED,
+    )
+
+
+class DigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """TFDS builder for scikit-learn's digits; needs neither network nor TensorFlow."""
+
+    name = "digits"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Stratified 80/20 split of sklearn's load_digits."}
+    # TFDS's own lookup of this path imports `importlib_resources`, which it only
+    # requires on Python < 3.9; the path just locates a (nonexistent) checksums file.
+    code_path = epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="8x8 grayscale handwritten digits, pixel values 0..16.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
+            disable_shuffling=True,
+        )
+
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
+        del dl_manager  # The data ships with scikit-learn.
+        digits = sklearn_load_digits()
+        images = digits.images.astype(np.uint8)[..., None]
+        train_rows, test_rows = split_indices(digits.target)
+        return {
+            "train": self._generate_examples(images, digits.target, train_rows),
+            "test": self._generate_examples(images, digits.target, test_rows),
+        }
+
+    def _generate_examples(
+        self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        for position, row in enumerate(rows):
+            yield position, {"image": images[row], "label": int(labels[row])}
+
+
+def prepare_digits(data_dir: str) -> DigitsBuilder:
+    """Builds the digits dataset into ``data_dir`` unless it is already there.
+
+    Args:
+        data_dir: Root TFDS data directory.
+
+    Returns:
+        A builder whose data is prepared in ``data_dir``.
+
+    Raises:
+        OSError: If writing fails for a reason other than a concurrent build
+            finishing first.
+    """
+    builder = DigitsBuilder(data_dir=data_dir, file_format="array_record")
+    try:
+        builder.download_and_prepare()
+    except OSError:
+        # Another process renamed its finished build into place first.
+        builder = DigitsBuilder(data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            raise
+    return builder
+
+
+def load_digits(data_dir: str | None = None) -> Dataset:
+    """Loads the embedded digits dataset, building it on first use.
+
+    Args:
+        data_dir: Root TFDS data directory; defaults to ``default_data_dir()``.
+
+    Returns:
+        A ``Dataset`` named "digits": uint8 images of shape (8, 8, 1) with values
+        0..16 (``pixel_scale`` 16), labels 0..9, 1437 train and 360 test examples.
+    """
+    builder = prepare_digits(data_dir or default_data_dir())
+    train, test = builder.as_data_source(split=["train", "test"])
+    return Dataset(
+        name="digits",
+        train=TfdsSource(train),
+        test=TfdsSource(test),
+        num_classes=NUM_CLASSES,
+        image_shape=IMAGE_SHAPE,
+        pixel_scale=PIXEL_SCALE,
+    )

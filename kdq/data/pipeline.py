@@ -1,0 +1,180 @@
+"""grain input pipelines: an endless, resumable training stream and padded eval passes.
+
+Training order: epoch ``e`` visits the split in the order
+``np.random.default_rng([seed, e]).permutation(n)`` and keeps its first
+``(n // batch_size) * batch_size`` examples, so every batch belongs to one epoch
+and the remainder (a different one each epoch) is dropped. Example position
+``p`` of the stream (batch ``p // batch_size``) is therefore a pure function of
+``(seed, p)``, and so is its augmentation, whose grain generator is seeded from
+``seed`` and ``p``. Resuming at step ``k`` just starts reading at position
+``k * batch_size``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from kdq.data.augment import Augment, RandomAugment
+from kdq.data.core import Dataset, Example, ExampleSource
+
+Batch = dict[str, np.ndarray]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+class _ReadShuffled(grain.transforms.Map):
+    """Maps a stream position to the example it reads in the shuffled epoch order."""
+
+    def __init__(self, source: ExampleSource, examples_per_epoch: int, seed: int):
+        self._source = source
+        self._num_examples = len(source)
+        self._examples_per_epoch = examples_per_epoch
+        self._seed = seed
+
+    def map(self, position: int) -> Example:
+        epoch, offset = divmod(position, self._examples_per_epoch)
+        order = _epoch_permutation(self._num_examples, self._seed, epoch)
+        return self._source[int(order[offset])]
+
+
+class _ReadPadded(grain.transforms.Map):
+    """Reads examples in order; positions past the end give masked zero examples."""
+
+    def __init__(self, source: ExampleSource):
+        self._source = source
+        self._padding_image = np.zeros_like(source[0]["image"]) if len(source) else None
+
+    def map(self, position: int) -> dict[str, Any]:
+        if position < len(self._source):
+            return {**self._source[position], "mask": np.True_}
+        return {"image": self._padding_image, "label": 0, "mask": np.False_}
+
+
+class _Normalize(grain.transforms.Map):
+    """Divides pixels by the pixel scale (float32) and casts labels to int32."""
+
+    def __init__(self, pixel_scale: float):
+        self._pixel_scale = np.float32(pixel_scale)
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        image = np.asarray(element["image"], dtype=np.float32) / self._pixel_scale
+        return {**element, "image": image, "label": np.int32(element["label"])}
+
+
+def _resolve(
+    data: Dataset | ExampleSource, pixel_scale: float | None, split: str
+) -> tuple[ExampleSource, float]:
+    if isinstance(data, Dataset):
+        source = getattr(data, split)
+        pixel_scale = data.pixel_scale if pixel_scale is None else pixel_scale
+    elif pixel_scale is None:
+        raise ValueError("pixel_scale is required when passing a source instead of a Dataset")
+    else:
+        source = data
+    if not pixel_scale > 0 or not np.isfinite(pixel_scale):
+        raise ValueError(f"pixel_scale must be positive and finite, got {pixel_scale}")
+    return source, float(pixel_scale)
+
+
+def _read_options(num_threads: int, batch_size: int) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size)
+
+
+def train_batches(
+    data: Dataset | ExampleSource,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    augment: Augment | None = None,
+    pixel_scale: float | None = None,
+    num_threads: int = 4,
+) -> Iterator[Batch]:
+    """Endless stream of shuffled training batches, resumable at any step.
+
+    Args:
+        data: A ``Dataset`` (its train split is used) or an example source.
+        batch_size: Examples per batch; at most the split size.
+        seed: Non-negative integer fixing the shuffle and augmentation streams.
+        start_step: Index of the first batch to yield; the stream equals the
+            uninterrupted stream from that batch on, and starting costs nothing.
+        augment: Augmentations to apply to raw images; None applies none.
+        pixel_scale: Divisor mapping raw pixels to [0, 1]; defaults to the
+            Dataset's and is required for a bare source.
+        num_threads: grain reader threads (0 reads in the calling thread).
+
+    Returns:
+        An infinite iterator of dicts with "image": float32 (B, H, W, C) and
+        "label": int32 (B,). Every epoch is a fresh permutation of the split
+        truncated to a multiple of ``batch_size``.
+
+    Raises:
+        ValueError: If batch_size is not in [1, split size], seed or start_step
+            is negative, or pixel_scale is missing or not positive.
+    """
+    source, pixel_scale = _resolve(data, pixel_scale, "train")
+    num_examples = len(source)
+    if not 1 <= batch_size <= num_examples:
+        raise ValueError(
+            f"batch_size={batch_size} must be between 1 and the split size {num_examples}"
+        )
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be non-negative, got {start_step}")
+    examples_per_epoch = num_examples // batch_size * batch_size
+    examples = grain.MapDataset.range(sys.maxsize).map(
+        _ReadShuffled(source, examples_per_epoch, seed)
+    )
+    if augment is not None and augment.enabled:
+        examples = examples.random_map(RandomAugment(augment), seed=seed)
+    examples = examples[start_step * batch_size :].map(_Normalize(pixel_scale))
+    batches = examples.to_iter_dataset(_read_options(num_threads, batch_size)).batch(batch_size)
+    return iter(batches)
+
+
+def eval_batches(
+    data: Dataset | ExampleSource,
+    *,
+    batch_size: int,
+    pixel_scale: float | None = None,
+    num_threads: int = 4,
+) -> Iterator[Batch]:
+    """One ordered pass over a split in equally shaped, masked batches.
+
+    Args:
+        data: A ``Dataset`` (its test split is used) or an example source.
+        batch_size: Examples per batch.
+        pixel_scale: Divisor mapping raw pixels to [0, 1]; defaults to the
+            Dataset's and is required for a bare source.
+        num_threads: grain reader threads (0 reads in the calling thread).
+
+    Returns:
+        An iterator of ``ceil(n / batch_size)`` dicts with "image": float32
+        (B, H, W, C), "label": int32 (B,) and "mask": bool (B,). The last batch
+        is padded with zero images and label 0 whose mask is False.
+
+    Raises:
+        ValueError: If batch_size is not positive or pixel_scale is missing or
+            not positive.
+    """
+    source, pixel_scale = _resolve(data, pixel_scale, "test")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    num_batches = -(-len(source) // batch_size)
+    examples = (
+        grain.MapDataset.range(num_batches * batch_size)
+        .map(_ReadPadded(source))
+        .map(_Normalize(pixel_scale))
+    )
+    batches = examples.to_iter_dataset(_read_options(num_threads, batch_size)).batch(batch_size)
+    return iter(batches)

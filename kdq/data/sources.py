@@ -1,0 +1,86 @@
+"""Random-access example sources over in-memory arrays and TFDS data sources."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from kdq.data.core import Example
+
+
+class ArraySource:
+    """Examples backed by in-memory arrays.
+
+    Args:
+        images: Array of shape (N, H, W, C).
+        labels: Integer array of shape (N,).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self._images = images
+        self._labels = labels
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> Example:
+        return {"image": self._images[index], "label": int(self._labels[index])}
+
+
+def center_crop_and_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Crops the largest centred square from an image and resizes it bilinearly.
+
+    Args:
+        image: uint8 array of shape (H, W, C) with C in {1, 3}.
+        size: Output (height, width).
+
+    Returns:
+        uint8 array of shape (size[0], size[1], C).
+    """
+    height, width, channels = image.shape
+    side = min(height, width)
+    top = (height - side) // 2
+    left = (width - side) // 2
+    square = image[top : top + side, left : left + side]
+    pil = Image.fromarray(square[..., 0] if channels == 1 else square)
+    resized = np.asarray(pil.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    return resized.reshape(size[0], size[1], channels)
+
+
+class TfdsSource:
+    """Examples from a TFDS random-access data source with image and label features.
+
+    Extra features (e.g. "id") are dropped, grayscale images get a channel axis and
+    labels become Python ints.
+
+    Args:
+        records: A TFDS data source (``tfds.data_source`` / ``as_data_source``)
+            whose items are dicts with "image" and "label".
+        image_size: If given, every image is centre-cropped to a square and resized
+            to this (height, width), for datasets whose images vary in size.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        image_size: tuple[int, int] | None = None,
+    ):
+        self._records = records
+        self._image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> Example:
+        record = self._records[int(index)]
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = image[..., None]
+        if self._image_size is not None:
+            image = center_crop_and_resize(image, self._image_size)
+        return {"image": image, "label": int(record["label"])}

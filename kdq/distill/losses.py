@@ -1,0 +1,659 @@
+"""Knowledge-distillation losses as pure, per-example functions.
+
+Every loss follows the optax convention: it returns an *unreduced* loss of shape ``(B,)``
+(one value per example) and the caller chooses the reduction, typically ``jnp.mean``.
+
+Conventions shared by all losses:
+
+* ``where`` is an optional boolean mask of shape ``(B,)``. Masked-out examples get loss 0,
+  their inputs never influence the result or the gradients (even when they hold NaN or inf
+  padding), and for the relational losses (RKD, PKT, similarity-preserving) they are also
+  removed as partners of the other examples, so the values on the valid examples equal the
+  loss of the valid sub-batch alone.
+* Losses are computed in at least float32: bfloat16/float16 inputs are promoted, float64
+  inputs (with x64 enabled) stay float64.
+* Gradients flow into the teacher arguments too; wrap them in ``jax.lax.stop_gradient``
+  when the teacher must stay fixed.
+* Hyperparameters (temperatures, weights, ``p``, ``eps``) are static Python numbers; they
+  are validated eagerly, together with the static shapes, and a bad value raises
+  ``ValueError`` naming the argument.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+# Floor of the L2 norm when normalising vectors, as in ``torch.nn.functional.normalize``,
+# which the reference implementations of AT, RKD and SP use.
+_NORM_EPS = 1e-12
+# Added to the per-example variance of the logits before logit standardisation.
+_STANDARDIZE_EPS = 1e-7
+# Lower clamp of squared pairwise distances in RKD (official ``pdist``).
+_RKD_SQUARED_DIST_EPS = 1e-12
+# Gram and similarity matrices are tiny (B, B) products: compute them at full precision.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _as_float(*arrays: ArrayLike) -> list[jax.Array]:
+    """Casts ``arrays`` to their common floating dtype, at least float32."""
+    arrays = [jnp.asarray(a) for a in arrays]
+    dtype = jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+    return [a.astype(dtype) for a in arrays]
+
+
+def _check_same_batch(
+    student_name: str, student: jax.Array, teacher_name: str, teacher: jax.Array
+) -> None:
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"{student_name} and {teacher_name} must have the same batch size, got shapes "
+            f"{student.shape} and {teacher.shape}"
+        )
+
+
+def _check_min_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
+    if x.ndim < rank:
+        raise ValueError(f"{name} must have rank >= {rank} {layout}, got shape {x.shape}")
+
+
+def _valid_mask(where: ArrayLike | None, batch: int) -> jax.Array:
+    """Returns the boolean mask of valid examples, shape ``(batch,)``."""
+    if where is None:
+        return jnp.ones((batch,), dtype=bool)
+    where = jnp.asarray(where)
+    if where.shape != (batch,) or where.dtype != jnp.bool_:
+        raise ValueError(
+            f"where must be a boolean array of shape ({batch},), got dtype {where.dtype} and "
+            f"shape {where.shape}"
+        )
+    return where
+
+
+def _zero_masked_rows(x: jax.Array, valid: jax.Array) -> jax.Array:
+    return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+def _num_valid(valid: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Number of valid examples, floored at 1 so that dividing by it is always safe."""
+    return jnp.maximum(jnp.sum(valid), 1).astype(dtype)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / max(||x||_2, 1e-12)`` along the last axis (``torch.nn.functional.normalize``)."""
+    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(squared_norm, _NORM_EPS**2))
+
+
+def _check_logits(student_logits: ArrayLike, teacher_logits: ArrayLike) -> list[jax.Array]:
+    student, teacher = _as_float(student_logits, teacher_logits)
+    if student.ndim != 2:
+        raise ValueError(
+            f"student_logits must have rank 2 (batch, classes), got shape {student.shape}"
+        )
+    if teacher.shape != student.shape:
+        raise ValueError(
+            "teacher_logits must have the same shape as student_logits, got "
+            f"teacher_logits shape {teacher.shape} and student_logits shape {student.shape}"
+        )
+    return [student, teacher]
+
+
+def _check_embeddings(
+    student_name: str, student: ArrayLike, teacher_name: str, teacher: ArrayLike
+) -> list[jax.Array]:
+    """Validates the inputs of a relational loss and flattens them to ``(B, D)``."""
+    student, teacher = _as_float(student, teacher)
+    _check_min_rank(student_name, student, 2, "(batch, ...)")
+    _check_min_rank(teacher_name, teacher, 2, "(batch, ...)")
+    _check_same_batch(student_name, student, teacher_name, teacher)
+    if student.shape[0] < 2:
+        raise ValueError(
+            f"{student_name} must hold a batch of at least 2 examples for a relational "
+            f"loss, got shape {student.shape}"
+        )
+    batch = student.shape[0]
+    return [student.reshape(batch, -1), teacher.reshape(batch, -1)]
+
+
+def _standardize_logits(logits: jax.Array) -> jax.Array:
+    mean = jnp.mean(logits, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(logits - mean), axis=-1, keepdims=True)
+    return jax.nn.standardize(
+        logits, axis=-1, mean=mean, variance=variance, epsilon=_STANDARDIZE_EPS
+    )
+
+
+def kd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float = 4.0,
+    standardize: bool = False,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Vanilla knowledge-distillation loss on softened class probabilities.
+
+    .. math::
+
+        \ell = T^2 \, \mathrm{KL}\big(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T)\big)
+             = T^2 \sum_c p^t_c (\log p^t_c - \log p^s_c).
+
+    The :math:`T^2` factor keeps the gradient magnitude independent of the temperature:
+    :math:`\partial \ell / \partial s = T\,(\mathrm{softmax}(s/T) - \mathrm{softmax}(t/T))`.
+
+    With ``standardize=True`` both logit vectors are first replaced by their z-scores
+    (logit standardisation), :math:`z \mapsto (z - \bar z) / \sqrt{\sigma^2(z) + 10^{-7}}`
+    with the mean and the population variance (``ddof=0``) over classes, and ``temperature``
+    plays the role of the base temperature of the paper. The official code divides by the
+    unbiased (``ddof=1``) standard deviation instead, which is the same as using a
+    temperature :math:`\sqrt{(C-1)/C}` times smaller. The :math:`T^2` factor is kept, as in
+    the official code.
+
+    References:
+        Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
+        Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024.
+
+    Args:
+        student_logits: Student logits, shape ``(B, C)``.
+        teacher_logits: Teacher logits, shape ``(B, C)``.
+        temperature: Softmax temperature :math:`T > 0`.
+        standardize: Z-score both logit vectors of each example before the softmax.
+        where: Optional boolean mask of valid examples, shape ``(B,)``.
+
+    Returns:
+        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+    """
+    student, teacher = _check_logits(student_logits, teacher_logits)
+    _check_positive("temperature", temperature)
+    valid = _valid_mask(where, student.shape[0])
+    student = _zero_masked_rows(student, valid)
+    teacher = _zero_masked_rows(teacher, valid)
+    if standardize:
+        student = _standardize_logits(student)
+        teacher = _standardize_logits(teacher)
+    log_p_student = jax.nn.log_softmax(student / temperature, axis=-1)
+    log_p_teacher = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    loss = optax.losses.kl_divergence_with_log_targets(log_p_student, log_p_teacher)
+    return jnp.where(valid, temperature**2 * loss, 0.0)
+
+
+def _target_binary_log_probs(log_probs: jax.Array, is_target: jax.Array) -> jax.Array:
+    """``[log p_target, log(1 - p_target)]`` per example, shape ``(B, 2)``."""
+    log_target = jnp.sum(jnp.where(is_target, log_probs, 0.0), axis=-1)
+    log_rest = jax.nn.logsumexp(log_probs, axis=-1, where=~is_target)
+    return jnp.stack([log_target, log_rest], axis=-1)
+
+
+def _non_target_log_probs(scaled_logits: jax.Array, is_target: jax.Array) -> jax.Array:
+    """Log-softmax over the non-target classes; the target entry is set to 0."""
+    log_probs = jax.nn.log_softmax(scaled_logits, axis=-1, where=~is_target)
+    # The target entry is -inf; replacing it (not masking the sum) keeps gradients finite.
+    return jnp.where(is_target, 0.0, log_probs)
+
+
+def dkd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Decoupled knowledge distillation: :math:`\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD}`.
+
+    With :math:`p = \mathrm{softmax}(z / T)` and target class :math:`y`:
+
+    .. math::
+
+        b &= [p_y,\; 1 - p_y], \qquad
+        \hat p_c = \frac{p_c}{1 - p_y} = \mathrm{softmax}_{c \ne y}(z_c / T), \\
+        \mathrm{TCKD} &= T^2\, \mathrm{KL}(b^t \,\|\, b^s), \qquad
+        \mathrm{NCKD} = T^2\, \mathrm{KL}(\hat p^t \,\|\, \hat p^s).
+
+    Classical KD decomposes as :math:`\mathrm{KD} = \mathrm{TCKD} + (1 - p^t_y)\,\mathrm{NCKD}`.
+    The official code approximates the softmax over non-target classes by subtracting 1000
+    from the target logit; here the target class is excluded exactly, which agrees with it
+    to float precision. Labels must lie in ``[0, C)`` (values are not checked).
+
+    Reference:
+        Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
+
+    Args:
+        student_logits: Student logits, shape ``(B, C)`` with ``C >= 2``.
+        teacher_logits: Teacher logits, shape ``(B, C)``.
+        labels: Integer ground-truth classes, shape ``(B,)``.
+        alpha: Weight of the target-class term (TCKD), ``>= 0``.
+        beta: Weight of the non-target-class term (NCKD), ``>= 0``.
+        temperature: Softmax temperature :math:`T > 0`.
+        where: Optional boolean mask of valid examples, shape ``(B,)``.
+
+    Returns:
+        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+    """
+    student, teacher = _check_logits(student_logits, teacher_logits)
+    batch, num_classes = student.shape
+    if num_classes < 2:
+        raise ValueError(
+            f"student_logits must have at least 2 classes for DKD, got shape {student.shape}"
+        )
+    labels = jnp.asarray(labels)
+    if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"labels must be an integer array of shape ({batch},), got dtype {labels.dtype} "
+            f"and shape {labels.shape}"
+        )
+    _check_non_negative("alpha", alpha)
+    _check_non_negative("beta", beta)
+    _check_positive("temperature", temperature)
+    valid = _valid_mask(where, batch)
+    student = _zero_masked_rows(student, valid)
+    teacher = _zero_masked_rows(teacher, valid)
+    labels = jnp.where(valid, labels, 0)
+
+    is_target = labels[:, None] == jnp.arange(num_classes)
+    student = student / temperature
+    teacher = teacher / temperature
+    tckd = optax.losses.kl_divergence_with_log_targets(
+        _target_binary_log_probs(jax.nn.log_softmax(student, axis=-1), is_target),
+        _target_binary_log_probs(jax.nn.log_softmax(teacher, axis=-1), is_target),
+    )
+    nckd = optax.losses.kl_divergence_with_log_targets(
+        _non_target_log_probs(student, is_target),
+        _non_target_log_probs(teacher, is_target),
+    )
+    loss = temperature**2 * (alpha * tckd + beta * nckd)
+    return jnp.where(valid, loss, 0.0)
+
+
+def init_projection(
+    key: jax.Array,
+    student_channels: int,
+    teacher_channels: int,
+    dtype: jnp.dtype = jnp.float32,
+) -> dict[str, jax.Array]:
+    """Initialises the FitNets regressor mapping student channels to teacher channels.
+
+    Args:
+        key: PRNG key.
+        student_channels: Number of student channels ``Cs``.
+        teacher_channels: Number of teacher channels ``Ct``.
+        dtype: Parameter dtype.
+
+    Returns:
+        ``{"kernel": (Cs, Ct), "bias": (Ct,)}`` with a LeCun-normal kernel and a zero bias.
+    """
+    for name, value in (
+        ("student_channels", student_channels),
+        ("teacher_channels", teacher_channels),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    kernel = jax.nn.initializers.lecun_normal()(key, (student_channels, teacher_channels), dtype)
+    return {"kernel": kernel, "bias": jnp.zeros((teacher_channels,), dtype)}
+
+
+def project(projection: Mapping[str, ArrayLike], feat: ArrayLike) -> jax.Array:
+    """Applies the FitNets regressor on the last (channel) axis.
+
+    For NHWC feature maps this is a 1x1 convolution, for ``(B, C)`` features a linear map:
+    ``feat @ kernel + bias``.
+
+    Args:
+        projection: ``{"kernel": (Cs, Ct), "bias": (Ct,)}``, e.g. from `init_projection`.
+        feat: Features of shape ``(..., Cs)``.
+
+    Returns:
+        Projected features of shape ``(..., Ct)``.
+    """
+    if not isinstance(projection, Mapping) or set(projection) != {"kernel", "bias"}:
+        keys = sorted(projection) if isinstance(projection, Mapping) else type(projection)
+        raise ValueError(f"projection must be a dict with keys 'kernel' and 'bias', got {keys}")
+    kernel = jnp.asarray(projection["kernel"])
+    bias = jnp.asarray(projection["bias"])
+    feat = jnp.asarray(feat)
+    if kernel.ndim != 2:
+        raise ValueError(
+            f"projection['kernel'] must have rank 2 (Cs, Ct), got shape {kernel.shape}"
+        )
+    if bias.shape != kernel.shape[1:]:
+        raise ValueError(
+            f"projection['bias'] must have shape ({kernel.shape[1]},) to match "
+            f"projection['kernel'] of shape {kernel.shape}, got shape {bias.shape}"
+        )
+    if feat.ndim < 1 or feat.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"feat must have {kernel.shape[0]} channels on its last axis to match "
+            f"projection['kernel'] of shape {kernel.shape}, got shape {feat.shape}"
+        )
+    return jnp.matmul(feat, kernel) + bias
+
+
+def fitnets_loss(
+    student_feat: ArrayLike,
+    teacher_feat: ArrayLike,
+    projection: Mapping[str, ArrayLike],
+    *,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""FitNets hint loss: mean squared error between regressed student and teacher features.
+
+    .. math::
+
+        \ell = \frac{1}{N} \sum_{k=1}^{N} \big(r(s)_k - t_k\big)^2,
+
+    where :math:`r(s) = s W + b` is `project` applied on the channel axis and the mean runs
+    over the :math:`N` non-batch elements of the teacher features. The paper writes the loss
+    as :math:`\tfrac12 \|t - r(s)\|^2`; the mean (as in common implementations) makes it
+    independent of the feature size.
+
+    Reference:
+        Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
+
+    Args:
+        student_feat: Student features, shape ``(B, ..., Cs)`` (e.g. NHWC or ``(B, Cs)``).
+        teacher_feat: Teacher features, shape ``(B, ..., Ct)`` with the same non-channel
+            shape as the student features.
+        projection: ``{"kernel": (Cs, Ct), "bias": (Ct,)}``, e.g. from `init_projection`.
+        where: Optional boolean mask of valid examples, shape ``(B,)``.
+
+    Returns:
+        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+    """
+    student, teacher = _as_float(student_feat, teacher_feat)
+    _check_min_rank("student_feat", student, 2, "(batch, ..., channels)")
+    _check_min_rank("teacher_feat", teacher, 2, "(batch, ..., channels)")
+    valid = _valid_mask(where, student.shape[0])
+    student = project(projection, _zero_masked_rows(student, valid))
+    if student.shape != teacher.shape:
+        raise ValueError(
+            "projected student_feat and teacher_feat must have the same shape, got "
+            f"projected student_feat shape {student.shape} and teacher_feat shape "
+            f"{teacher.shape}"
+        )
+    teacher = _zero_masked_rows(teacher, valid)
+    squared_error = optax.losses.squared_error(student, teacher)
+    loss = jnp.mean(squared_error.reshape(student.shape[0], -1), axis=-1)
+    return jnp.where(valid, loss, 0.0)
+
+
+def _attention_map(feat: jax.Array, p: float) -> jax.Array:
+    """L2-normalised spatial attention map ``mean_c |A_c|^p``, shape ``(B, H*W)``."""
+    attention = jnp.mean(jnp.abs(feat) ** p, axis=-1)
+    return _l2_normalize(attention.reshape(feat.shape[0], -1))
+
+
+def attention_transfer_loss(
+    student_feat: ArrayLike,
+    teacher_feat: ArrayLike,
+    *,
+    p: float = 2.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Activation-based attention transfer.
+
+    Follows the reference implementation of the paper
+    (``at(x) = normalize(x.pow(p).mean(1).view(B, -1))``,
+    ``at_loss = (at(s) - at(t)).pow(2).mean()``):
+
+    .. math::
+
+        Q(A) &= \mathrm{vec}\Big(\frac{1}{C}\sum_{c=1}^{C} |A_c|^p\Big), \qquad
+        \hat Q = \frac{Q}{\max(\|Q\|_2, 10^{-12})}, \\
+        \ell &= \frac{1}{HW} \big\|\hat Q_s - \hat Q_t\big\|_2^2 .
+
+    The difference is always squared (the paper's :math:`\|\cdot\|_p` applies to the
+    reference code only for :math:`p = 2`), the mean over positions makes the value
+    independent of the spatial size, and the paper's :math:`\beta / 2` weight is left to the
+    caller. :math:`|A|^p` equals the reference's ``x.pow(p)`` for even :math:`p` or
+    non-negative activations, and stays defined otherwise.
+
+    Reference:
+        Zagoruyko & Komodakis, "Paying More Attention to Attention: Improving the
+        Performance of Convolutional Neural Networks via Attention Transfer", ICLR 2017.
+
+    Args:
+        student_feat: Student feature map, shape ``(B, H, W, Cs)`` (any number ``>= 1`` of
+            spatial axes between batch and channels is accepted).
+        teacher_feat: Teacher feature map, shape ``(B, H, W, Ct)``; spatial shape must match
+            the student's, channels may differ.
+        p: Exponent :math:`p > 0` of the activations.
+        where: Optional boolean mask of valid examples, shape ``(B,)``.
+
+    Returns:
+        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+    """
+    student, teacher = _as_float(student_feat, teacher_feat)
+    layout = "(batch, *spatial, channels), e.g. NHWC"
+    _check_min_rank("student_feat", student, 3, layout)
+    _check_min_rank("teacher_feat", teacher, 3, layout)
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            "student_feat and teacher_feat must have the same batch and spatial shape, got "
+            f"student_feat shape {student.shape} and teacher_feat shape {teacher.shape}"
+        )
+    _check_positive("p", p)
+    valid = _valid_mask(where, student.shape[0])
+    student = _attention_map(_zero_masked_rows(student, valid), p)
+    teacher = _attention_map(_zero_masked_rows(teacher, valid), p)
+    loss = jnp.mean(jnp.square(student - teacher), axis=-1)
+    return jnp.where(valid, loss, 0.0)
+
+
+def _rkd_geometry(emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pairwise distances ``(B, B)`` and angle cosines ``(B, B, B)`` of embeddings.
+
+    ``dist[i, j] = sqrt(max(||e_j - e_i||^2, 1e-12))`` and
+    ``cos[i, j, k] = <u_ij, u_ik>`` with ``u_ij = normalize(e_j - e_i)`` (zero for i == j).
+    """
+    diff = emb[None, :, :] - emb[:, None, :]
+    squared_dist = jnp.sum(jnp.square(diff), axis=-1)
+    dist = jnp.sqrt(jnp.maximum(squared_dist, _RKD_SQUARED_DIST_EPS))
+    unit = _l2_normalize(diff)
+    cos = jnp.einsum("ijd,ikd->ijk", unit, unit, precision=_HIGHEST)
+    return dist, cos
+
+
+def _normalize_distances(dist: jax.Array, off_diagonal: jax.Array) -> jax.Array:
+    """Divides distances by their mean over the valid off-diagonal pairs; 0 elsewhere."""
+    count = jnp.sum(off_diagonal)
+    mean = jnp.sum(jnp.where(off_diagonal, dist, 0.0)) / jnp.maximum(count, 1)
+    mean = jnp.where(count > 0, mean, 1.0)
+    return jnp.where(off_diagonal, dist / mean, 0.0)
+
+
+def rkd_loss(
+    student_emb: ArrayLike,
+    teacher_emb: ArrayLike,
+    *,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Relational knowledge distillation: distance-wise plus angle-wise losses.
+
+    With :math:`n` valid examples, Huber loss :math:`h` (``delta = 1``, i.e. smooth L1),
+    :math:`\psi_D(i, j) = \|e_i - e_j\|_2 / \mu` where :math:`\mu` is the mean distance over
+    the :math:`n(n-1)` ordered off-diagonal pairs (:math:`\psi_D(i, i) = 0`), and
+    :math:`\psi_A(i, j, k) = \langle \frac{e_j - e_i}{\|e_j - e_i\|},
+    \frac{e_k - e_i}{\|e_k - e_i\|} \rangle` (0 when :math:`j = i` or :math:`k = i`), the
+    batch loss of the official implementation is
+
+    .. math::
+
+        L = \frac{w_D}{n^2} \sum_{i,j} h\big(\psi_D^s(i,j) - \psi_D^t(i,j)\big)
+          + \frac{w_A}{n^3} \sum_{i,j,k} h\big(\psi_A^s(i,j,k) - \psi_A^t(i,j,k)\big),
+
+    where the sums include the (zero) diagonal terms, as the official element-wise mean does.
+    The per-example value of example :math:`i` is its row contribution, with :math:`i` as
+    the vertex of the angles:
+
+    .. math::
+
+        \ell_i = \frac{w_D}{n} \sum_j h\big(\psi_D^s(i,j) - \psi_D^t(i,j)\big)
+               + \frac{w_A}{n^2} \sum_{j,k} h\big(\psi_A^s(i,j,k) - \psi_A^t(i,j,k)\big),
+
+    so that the mean of :math:`\ell` over the valid examples equals :math:`L`. Squared
+    distances are clamped at :math:`10^{-12}` before the square root, as in the official
+    ``pdist``. Memory grows as :math:`O(B^2 D + B^3)`.
+
+    Reference:
+        Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019.
+
+    Args:
+        student_emb: Student embeddings, shape ``(B, Ds)``; trailing axes are flattened.
+        teacher_emb: Teacher embeddings, shape ``(B, Dt)``; trailing axes are flattened.
+        distance_weight: Weight :math:`w_D \ge 0` of the distance-wise loss.
+        angle_weight: Weight :math:`w_A \ge 0` of the angle-wise loss.
+        where: Optional boolean mask of valid examples, shape ``(B,)``; masked-out examples
+            are excluded from all pairs and triplets.
+
+    Returns:
+        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+    """
+    student, teacher = _check_embeddings("student_emb", student_emb, "teacher_emb", teacher_emb)
+    _check_non_negative("distance_weight", distance_weight)
+    _check_non_negative("angle_weight", angle_weight)
+    batch = student.shape[0]
+    valid = _valid_mask(where, batch)
+    student = _zero_masked_rows(student, valid)
+    teacher = _zero_masked_rows(teacher, valid)
+    num_valid = _num_valid(valid, student.dtype)
+    pairs = valid[:, None] & valid[None, :]
+    off_diagonal = pairs & ~jnp.eye(batch, dtype=bool)
+    triplets = pairs[:, :, None] & valid[None, None, :]
+
+    dist_student, cos_student = _rkd_geometry(student)
+    dist_teacher, cos_teacher = _rkd_geometry(teacher)
+    distance = optax.losses.huber_loss(
+        _normalize_distances(dist_student, off_diagonal),
+        _normalize_distances(dist_teacher, off_diagonal),
+        delta=1.0,
+    )
+    angle = optax.losses.huber_loss(cos_student, cos_teacher, delta=1.0)
+    distance = jnp.sum(jnp.where(off_diagonal, distance, 0.0), axis=-1) / num_valid
+    angle = jnp.sum(jnp.where(triplets, angle, 0.0), axis=(1, 2)) / num_valid**2
+    loss = distance_weight * distance + angle_weight * angle
+    return jnp.where(valid, loss, 0.0)
+
+
+def _pkt_conditional_probs(emb: jax.Array, pairs: jax.Array, eps: float) -> jax.Array:
+    """Row-normalised cosine kernel ``(K + 1) / 2`` restricted to valid pairs, ``(B, B)``."""
+    squared_norm = jnp.sum(jnp.square(emb), axis=-1, keepdims=True)
+    nonzero = squared_norm > 0
+    # Zero-safe square root: its gradient at 0 would otherwise be infinite.
+    norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared_norm, 1.0)), 0.0)
+    unit = emb / (norm + eps)
+    kernel = (jnp.matmul(unit, unit.T, precision=_HIGHEST) + 1.0) / 2.0
+    kernel = jnp.where(pairs, kernel, 0.0)
+    row_sum = jnp.sum(kernel, axis=-1, keepdims=True)
+    return kernel / jnp.where(row_sum > 0, row_sum, 1.0)
+
+
+def pkt_loss(
+    student_emb: ArrayLike,
+    teacher_emb: ArrayLike,
+    *,
+    eps: float = 1e-7,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Probabilistic knowledge transfer with the cosine-similarity kernel.
+
+    Following the official implementation, embeddings are normalised as
+    :math:`\hat e = e / (\|e\|_2 + \epsilon)`, the kernel is
+    :math:`K_{ij} = (\langle \hat e_i, \hat e_j \rangle + 1) / 2` (diagonal included) and
+    rows are normalised to conditional probabilities :math:`q_{j|i} = K^t_{ij} / \sum_j
+    K^t_{ij}` (teacher) and :math:`p_{j|i}` (student). The per-example loss is the row's
+    divergence
+
+    .. math::
+
+        \ell_i = \sum_j q_{j|i} \log \frac{q_{j|i} + \epsilon}{p_{j|i} + \epsilon}.
+
+    The paper's loss is :math:`\sum_i \ell_i`; the official code returns
+    :math:`\frac{1}{B^2} \sum_i \ell_i`, i.e. ``jnp.mean(loss) / B`` for an unmasked batch.
+
+    Reference:
+        Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge
+        Transfer", ECCV 2018.
+
+    Args:
+        student_emb: Student embeddings, shape ``(B, Ds)``; trailing axes are flattened.
+        teacher_emb: Teacher embeddings, shape ``(B, Dt)``; trailing axes are flattened.
+        eps: Stabiliser :math:`\epsilon > 0` of the norms and of the logarithm.
+        where: Optional boolean mask of valid examples, shape ``(B,)``; masked-out examples
+            are excluded from the kernel rows of the others.
+
+    Returns:
+        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+    """
+    student, teacher = _check_embeddings("student_emb", student_emb, "teacher_emb", teacher_emb)
+    _check_positive("eps", eps)
+    valid = _valid_mask(where, student.shape[0])
+    pairs = valid[:, None] & valid[None, :]
+    p_student = _pkt_conditional_probs(_zero_masked_rows(student, valid), pairs, eps)
+    p_teacher = _pkt_conditional_probs(_zero_masked_rows(teacher, valid), pairs, eps)
+    terms = p_teacher * jnp.log((p_teacher + eps) / (p_student + eps))
+    return jnp.where(valid, jnp.sum(terms, axis=-1), 0.0)
+
+
+def similarity_preserving_loss(
+    student_feat: ArrayLike,
+    teacher_feat: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Similarity-preserving knowledge distillation.
+
+    With :math:`A` the features flattened to ``(B, N)``, :math:`G = A A^\top` and
+    :math:`\tilde G` its rows divided by :math:`\max(\|G_{i,:}\|_2, 10^{-12})`, the batch loss
+    of the paper is
+
+    .. math::
+
+        L = \frac{1}{n^2} \big\|\tilde G_s - \tilde G_t\big\|_F^2
+
+    over the :math:`n` valid examples, and the per-example value is the row contribution
+
+    .. math::
+
+        \ell_i = \frac{1}{n} \sum_j \big(\tilde G_s[i, j] - \tilde G_t[i, j]\big)^2,
+
+    so that the mean of :math:`\ell` over the valid examples equals :math:`L`. The paper's
+    weight :math:`\gamma` and the sum over layer pairs are left to the caller.
+
+    Reference:
+        Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019.
+
+    Args:
+        student_feat: Student features, shape ``(B, ...)``; flattened per example.
+        teacher_feat: Teacher features, shape ``(B, ...)``; flattened per example.
+        where: Optional boolean mask of valid examples, shape ``(B,)``; masked-out examples
+            are excluded from the Gram matrices.
+
+    Returns:
+        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+    """
+    student, teacher = _check_embeddings("student_feat", student_feat, "teacher_feat", teacher_feat)
+    valid = _valid_mask(where, student.shape[0])
+    # Zeroed rows give zero Gram rows and columns, which removes the masked-out examples.
+    student = _zero_masked_rows(student, valid)
+    teacher = _zero_masked_rows(teacher, valid)
+    gram_student = _l2_normalize(jnp.matmul(student, student.T, precision=_HIGHEST))
+    gram_teacher = _l2_normalize(jnp.matmul(teacher, teacher.T, precision=_HIGHEST))
+    loss = jnp.sum(jnp.square(gram_student - gram_teacher), axis=-1)
+    return jnp.where(valid, loss / _num_valid(valid, student.dtype), 0.0)

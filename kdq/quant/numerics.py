@@ -1,0 +1,344 @@
+"""Uniform integer quantization: calibrate -> quantize -> dequantize.
+
+For a `QuantSpec` with integer range [qmin, qmax]:
+
+  symmetric:  s = bound / qmax,                    q = clip(round(x / s), qmin, qmax)
+  affine:     s = (hi - lo) / (qmax - qmin),       z = clip(qmin - round(lo / s), qmin, qmax)
+                                                   q = clip(round(x / s) + z, qmin, qmax)
+  dequantize: x_hat = (q - z) * s                  (z = 0 when symmetric)
+
+`round` is round-half-to-even, or stochastic rounding floor(x / s + u) with
+u ~ U[0, 1). Scales have the rank of x: the full size on `spec.axes`, 1 on the
+reduced axes, and n / group_size on a grouped axis.
+
+Edge cases, by design:
+  * A group whose range is zero (all-zero or constant-zero) or too small to
+    give a normal float32 scale gets scale 1.0: finite, non-zero, and every
+    value quantizes to the zero point.
+  * Non-finite input (NaN, +-inf) has no quantized value. Outside `jit`,
+    `calibrate`, `quantize` and `fake_quant` raise `ValueError`. Under `jit`
+    (where values cannot be inspected) the scale of every group containing a
+    non-finite value is NaN, so dequantized values of that group are NaN:
+    non-finite input is never silently turned into finite numbers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from kdq.quant.qarray import QArray
+from kdq.quant.spec import QuantSpec
+from kdq.quant.ste import clipped_straight_through
+
+_MSE_RATIOS = np.arange(1, 101, dtype=np.float32) / np.float32(100)
+_SMALLEST_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def scale_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
+    """The shape of the scale (and zero point) for an array of `shape`.
+
+    Args:
+      shape: shape of the array to quantize.
+      spec: the quantizer.
+
+    Returns:
+      A tuple of len(shape): shape[a] on kept axes, 1 on reduced axes,
+      shape[g] // group_size on the grouped axis g (the last reduced axis).
+    """
+    ndim = len(shape)
+    kept = []
+    for axis in spec.axes:
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"axes={spec.axes} has axis {axis} out of range for an array of shape {shape}"
+            )
+        kept.append(axis % ndim)
+    if len(set(kept)) != len(kept):
+        raise ValueError(
+            f"axes={spec.axes} names the same axis twice for an array of shape {shape}"
+        )
+    result = [n if a in kept else 1 for a, n in enumerate(shape)]
+    if spec.group_size is not None:
+        reduced = [a for a in range(ndim) if a not in kept]
+        if not reduced:
+            raise ValueError(
+                f"group_size={spec.group_size} needs an axis to group, but axes={spec.axes} "
+                f"keeps every axis of shape {shape}"
+            )
+        axis = reduced[-1]
+        if shape[axis] % spec.group_size:
+            raise ValueError(
+                f"group_size={spec.group_size} does not divide axis {axis} of size "
+                f"{shape[axis]} (array shape {shape})"
+            )
+        result[axis] = shape[axis] // spec.group_size
+    return tuple(result)
+
+
+def _grouped_view(x: jax.Array, target: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
+    """Reshapes x so that reducing the returned axes (keepdims) gives `target`."""
+    shape, reduce_axes = [], []
+    for n, d in zip(x.shape, target, strict=True):
+        if d == n:
+            shape.append(n)
+        elif d == 1:
+            shape.append(n)
+            reduce_axes.append(len(shape) - 1)
+        else:
+            shape += [d, n // d]
+            reduce_axes.append(len(shape) - 1)
+    return x.reshape(shape), tuple(reduce_axes)
+
+
+def _reduce(x: jax.Array, target: tuple[int, ...], op, **kwargs) -> jax.Array:
+    view, axes = _grouped_view(x, target)
+    return op(view, axis=axes, keepdims=True, **kwargs).reshape(target)
+
+
+def _expand(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Repeats a grouped scale so that it broadcasts against `shape`."""
+    for axis, (d, n) in enumerate(zip(scale.shape, shape, strict=True)):
+        if d not in (1, n):
+            scale = jnp.repeat(scale, n // d, axis=axis, total_repeat_length=n)
+    return scale
+
+
+def _check_finite_if_concrete(x: jax.Array, name: str) -> None:
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
+    if bad:
+        raise ValueError(
+            f"{name} contains {bad} non-finite value(s) (NaN or inf) out of {x.size}; "
+            "quantization needs finite input: find where they come from, or mask them"
+        )
+
+
+def _as_float(x: ArrayLike) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _scale_and_zero_point(
+    lo: jax.Array, hi: jax.Array, spec: QuantSpec
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scale and zero point for the range [lo, hi] (lo <= 0 <= hi)."""
+    if spec.symmetric:
+        scale = hi / spec.qmax
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+    scale = jnp.where(scale < _SMALLEST_SCALE, 1.0, scale)
+    if spec.symmetric:
+        return scale, None
+    zero_point = jnp.clip(spec.qmin - jnp.round(lo / scale), spec.qmin, spec.qmax)
+    return scale, zero_point
+
+
+def _quantize_values(
+    x: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    spec: QuantSpec,
+    noise: jax.Array | None = None,
+) -> jax.Array:
+    """Integer values (still float32) of x for a full-size scale/zero point."""
+    v = x / scale
+    v = jnp.round(v) if noise is None else jnp.floor(v + noise)
+    if zero_point is not None:
+        v = v + zero_point
+    return jnp.clip(v, spec.qmin, spec.qmax)
+
+
+def _range(x: jax.Array, spec: QuantSpec, target: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Calibrated range [lo, hi] per scale group, widened to contain 0."""
+    method, p = spec.calibration_method, spec.percentile
+    if spec.symmetric:
+        magnitude = jnp.abs(x) if spec.signed else jnp.maximum(x, 0.0)
+        if method == "percentile":
+            hi = _reduce(magnitude, target, jnp.percentile, q=p)
+        else:
+            hi = _reduce(magnitude, target, jnp.max)
+        return -hi, hi
+    if method == "absmax":
+        hi = _reduce(jnp.abs(x), target, jnp.max)
+        lo = -hi
+    elif method == "percentile":
+        lo = _reduce(x, target, jnp.percentile, q=100.0 - p)
+        hi = _reduce(x, target, jnp.percentile, q=p)
+    else:
+        lo = _reduce(x, target, jnp.min)
+        hi = _reduce(x, target, jnp.max)
+    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
+def _mse_clip_ratio(
+    x: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec, target: tuple[int, ...]
+) -> jax.Array:
+    """Per group, the ratio r minimising sum((fq(x; r * [lo, hi]) - x)^2).
+
+    Ratios are 0.01, 0.02, ..., 1.00; the smallest minimiser wins ties.
+    """
+
+    def try_ratio(best, ratio):
+        best_error, best_ratio = best
+        scale, zero_point = _scale_and_zero_point(lo * ratio, hi * ratio, spec)
+        full_scale = _expand(scale, x.shape)
+        full_zero = None if zero_point is None else _expand(zero_point, x.shape)
+        q = _quantize_values(x, full_scale, full_zero, spec)
+        x_hat = (q - (0.0 if full_zero is None else full_zero)) * full_scale
+        error = _reduce(jnp.square(x_hat - x), target, jnp.sum)
+        better = error < best_error
+        return (jnp.where(better, error, best_error), jnp.where(better, ratio, best_ratio)), None
+
+    init = (jnp.full(target, jnp.inf, jnp.float32), jnp.ones(target, jnp.float32))
+    (_, ratio), _ = jax.lax.scan(try_ratio, init, jnp.asarray(_MSE_RATIOS))
+    return ratio
+
+
+def _poison_non_finite(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """NaN scale for every group of x that holds a non-finite value."""
+    finite = _reduce(jnp.isfinite(x), scale.shape, jnp.all)
+    return jnp.where(finite, scale, jnp.nan)
+
+
+def calibrate(x: ArrayLike, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    """Chooses the scale and zero point of `spec` for the values of `x`.
+
+    Args:
+      x: array to be quantized, any shape.
+      spec: the quantizer; its `calibration` picks the range (see `QuantSpec`).
+
+    Returns:
+      (scale, zero_point): float32 scale of shape `scale_shape(x.shape, spec)`,
+      and the zero point (dtype `spec.dtype`, same shape), or None if
+      `spec.symmetric`.
+    """
+    x = _as_float(x)
+    _check_finite_if_concrete(x, "x")
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    target = scale_shape(x.shape, spec)
+    lo, hi = _range(x, spec, target)
+    if spec.calibration_method == "mse":
+        ratio = _mse_clip_ratio(x, lo, hi, spec, target)
+        lo, hi = lo * ratio, hi * ratio
+    scale, zero_point = _scale_and_zero_point(lo, hi, spec)
+    scale = _poison_non_finite(x, scale)
+    if zero_point is not None:
+        zero_point = zero_point.astype(spec.dtype)
+    return scale, zero_point
+
+
+def _check_given_range(
+    x: jax.Array, spec: QuantSpec, scale: ArrayLike, zero_point: ArrayLike | None
+) -> tuple[jax.Array, jax.Array | None]:
+    scale = jnp.asarray(scale, jnp.float32)
+    if scale.ndim < x.ndim:
+        scale = scale.reshape((1,) * (x.ndim - scale.ndim) + scale.shape)
+    if scale.ndim != x.ndim or any(
+        d != 1 and n % d for d, n in zip(scale.shape, x.shape, strict=True)
+    ):
+        raise ValueError(
+            f"scale of shape {tuple(jnp.shape(scale))} does not broadcast to x of shape "
+            f"{x.shape}: each axis must be 1, the axis size, or a divisor of it (groups)"
+        )
+    if spec.symmetric:
+        if zero_point is not None:
+            raise ValueError("zero_point must be None for a symmetric spec (its zero point is 0)")
+        return scale, None
+    if zero_point is None:
+        raise ValueError("zero_point is required with scale for an affine spec (symmetric=False)")
+    zero_point = jnp.broadcast_to(jnp.asarray(zero_point), scale.shape)
+    return scale, zero_point.astype(spec.dtype)
+
+
+def quantize(
+    x: ArrayLike,
+    spec: QuantSpec,
+    *,
+    scale: ArrayLike | None = None,
+    zero_point: ArrayLike | None = None,
+    key: jax.Array | None = None,
+) -> QArray:
+    """Quantizes x to integers of `spec.dtype`.
+
+    Args:
+      x: array to quantize.
+      spec: the quantizer.
+      scale: a fixed scale (static ranges, learned steps); default: `calibrate`.
+        Must have x's rank (or broadcast to it) with each axis 1, the axis
+        size, or a divisor of it (a grouped axis).
+      zero_point: the zero point that goes with `scale` (affine specs only).
+      key: PRNG key, required when `spec.rounding == "stochastic"`.
+
+    Returns:
+      A `QArray` with q = clip(round(x / s) + z, qmin, qmax).
+    """
+    x = _as_float(x)
+    _check_finite_if_concrete(x, "x")
+    if spec.rounding == "stochastic" and key is None:
+        raise ValueError("key is required when rounding='stochastic'; pass key=jax.random.key(...)")
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point was given without scale; give both or neither")
+        scale, zero_point = calibrate(x, spec)
+    else:
+        scale, zero_point = _check_given_range(x, spec, scale, zero_point)
+        scale = _poison_non_finite(jax.lax.stop_gradient(x), scale)
+    scale = jax.lax.stop_gradient(scale)
+    x32 = x.astype(jnp.float32)
+    noise = None
+    if spec.rounding == "stochastic":
+        noise = jax.random.uniform(key, x.shape, jnp.float32)
+    full_zero = None if zero_point is None else _expand(zero_point, x.shape).astype(jnp.float32)
+    q = _quantize_values(x32, _expand(scale, x.shape), full_zero, spec, noise)
+    return QArray(qvalue=q.astype(spec.dtype), scale=scale, zero_point=zero_point, spec=spec)
+
+
+def dequantize(q: QArray) -> jax.Array:
+    """x_hat = (qvalue - zero_point) * scale, in float32.
+
+    Args:
+      q: a `QArray`.
+
+    Returns:
+      float32 array of shape q.shape.
+    """
+    values = q.qvalue.astype(jnp.float32)
+    if q.zero_point is not None:
+        values = values - _expand(q.zero_point, q.shape).astype(jnp.float32)
+    return values * _expand(q.scale, q.shape)
+
+
+def fake_quant(
+    x: ArrayLike,
+    spec: QuantSpec,
+    *,
+    key: jax.Array | None = None,
+    scale: ArrayLike | None = None,
+    zero_point: ArrayLike | None = None,
+) -> jax.Array:
+    """dequantize(quantize(x)) with a clipped straight-through gradient.
+
+    Forward: x_hat = (clip(round(x / s) + z, qmin, qmax) - z) * s.
+    Backward: d x_hat / d x = 1 where (qmin - z) s <= x <= (qmax - z) s, else 0.
+    The scale is treated as a constant (no gradient through calibration).
+
+    Args:
+      x: array to fake-quantize.
+      spec: the quantizer.
+      key: PRNG key for stochastic rounding.
+      scale, zero_point: a fixed range instead of calibrating on x.
+
+    Returns:
+      x_hat, same shape and dtype as x.
+    """
+    x = _as_float(x)
+    q = quantize(x, spec, scale=scale, zero_point=zero_point, key=key)
+    full_scale = _expand(q.scale, x.shape)
+    zero = 0.0 if q.zero_point is None else _expand(q.zero_point, x.shape).astype(jnp.float32)
+    lower = (spec.qmin - zero) * full_scale
+    upper = (spec.qmax - zero) * full_scale
+    return clipped_straight_through(x, dequantize(q).astype(x.dtype), lower, upper)

@@ -1,0 +1,305 @@
+"""`train_and_evaluate(config, workdir)`: a whole run, resumable at any step.
+
+Files in `workdir`:
+  config.json         the run's config (a resumed run must match it)
+  checkpoints/<step>  orbax train-state checkpoints (newest `keep_checkpoints`)
+  metrics.jsonl       one JSON object per logged step and per evaluation
+  tensorboard/        TensorBoard event files (written without TensorFlow)
+  model/, model.json  the exported inference model and its recipe
+  report.json         final metrics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorboardX
+import tqdm
+
+import kdq
+from kdq import checkpoint
+from kdq.data import Augment, Dataset, eval_batches, load_dataset, train_batches
+from kdq.distill.objective import Objective
+from kdq.distill.taps import apply_with_taps
+from kdq.models import count_params, create_model
+from kdq.quant import quantize_tree
+from kdq.train import config as config_lib
+from kdq.train.state import TrainState
+from kdq.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a gradient became NaN/inf; the run stopped before saving it."""
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The optax optimizer and learning-rate schedule of `config.optimizer`."""
+    opt = config.optimizer
+    if opt.schedule == "cosine":
+        learning_rate = optax.warmup_cosine_decay_schedule(
+            0.0, opt.learning_rate, opt.warmup_steps, config.num_steps
+        )
+    elif opt.schedule == "constant":
+        learning_rate = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps),
+                optax.constant_schedule(opt.learning_rate),
+            ],
+            [opt.warmup_steps],
+        )
+    else:
+        raise ValueError(
+            f"config.optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}"
+        )
+    if opt.name == "adamw":
+        tx = optax.adamw(learning_rate, weight_decay=opt.weight_decay)
+    elif opt.name == "adam":
+        tx = optax.adam(learning_rate)
+    elif opt.name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(opt.weight_decay),
+            optax.sgd(learning_rate, momentum=opt.momentum, nesterov=True),
+        )
+    else:
+        raise ValueError(
+            f"config.optimizer.name must be 'adamw', 'adam' or 'sgd', got {opt.name!r}"
+        )
+    if opt.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    return tx
+
+
+def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json, or checks that a resumed run uses the same config."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        ignored = {"progress", "num_steps"}
+        changed = sorted(
+            k
+            for k in set(previous) | set(current)
+            if k not in ignored and previous.get(k) != current.get(k)
+        )
+        if changed:
+            raise ValueError(
+                f"{workdir} holds a run with a different config (fields {changed} differ); "
+                "use a new --workdir, or delete the old one to start over"
+            )
+    with open(path, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+
+
+def load_teacher(config: ml_collections.ConfigDict, dataset: Dataset):
+    """The teacher model and its variables, restored from its run's export."""
+    teacher_config = config.teacher
+    if not teacher_config.name or not teacher_config.workdir:
+        raise ValueError(
+            "the objective distills from a teacher, but config.teacher.name and "
+            f"config.teacher.workdir are not both set (got name={teacher_config.name!r}, "
+            f"workdir={teacher_config.workdir!r})"
+        )
+    teacher = create_model(
+        teacher_config.name, num_classes=dataset.num_classes, **teacher_config.options
+    )
+    dummy = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+    template = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), dummy)["params"]
+    params = checkpoint.load_float_params(teacher_config.workdir, template)
+    return teacher, {"params": params}
+
+
+def _init_state(config, student, teacher, teacher_variables, objective, tx, dataset):
+    key = jax.random.PRNGKey(config.seed)
+    init_key, distill_key, run_key = jax.random.split(key, 3)
+    dummy = jnp.zeros((config.batch_size, *dataset.image_shape), jnp.float32)
+    params = student.init(init_key, dummy)["params"]
+    distill_params = {}
+    if objective.needs_teacher:
+        _, student_features, _ = jax.eval_shape(
+            lambda p, x: apply_with_taps(student, {"params": p}, x, taps=objective.student_taps),
+            params,
+            dummy,
+        )
+        _, teacher_features, _ = jax.eval_shape(
+            lambda v, x: apply_with_taps(teacher, v, x, taps=objective.teacher_taps),
+            teacher_variables,
+            dummy,
+        )
+        distill_params = objective.init_params(distill_key, student_features, teacher_features)
+    return TrainState.create(params=params, tx=tx, key=run_key, distill_params=distill_params)
+
+
+def evaluate(eval_step, params, source, *, batch_size: int, pixel_scale: float) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over one full pass of `source`."""
+    totals = {"correct": 0, "count": 0, "loss_sum": 0.0}
+    for batch in eval_batches(source, batch_size=batch_size, pixel_scale=pixel_scale):
+        for name, value in jax.device_get(eval_step(params, batch)).items():
+            totals[name] += value
+    count = max(int(totals["count"]), 1)
+    return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count}
+
+
+class _MetricWriter:
+    """Scalars to TensorBoard event files and to metrics.jsonl."""
+
+    def __init__(self, workdir: str):
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        self._tb.close()
+        self._jsonl.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains the configured student (optionally distilled and quantized) and evaluates it.
+
+    Args:
+      config: a config built on `kdq.train.config.default_config()`.
+      workdir: the run directory; an existing run there is resumed.
+
+    Returns:
+      The final report (also written to workdir/report.json).
+    """
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+    if config.batch_size > len(dataset.train):
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is larger than the {dataset.name} train "
+            f"split ({len(dataset.train)} examples); lower it"
+        )
+    _check_config_matches(workdir, config)
+
+    objective = Objective.from_config(config.losses.to_dict())
+    rules = config_lib.weight_rules(config)
+    student = create_model(
+        config.model.name, num_classes=dataset.num_classes, **config.model.options
+    )
+    teacher, teacher_variables = None, None
+    if objective.needs_teacher:
+        teacher, teacher_variables = load_teacher(config, dataset)
+    tx = make_optimizer(config)
+    state = _init_state(config, student, teacher, teacher_variables, objective, tx, dataset)
+
+    checkpoints = checkpoint.StateCheckpoints(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.keep_checkpoints,
+        every=config.checkpoint_every,
+    )
+    restored = checkpoints.restore_latest(state)
+    if restored is not None:
+        state = restored
+    start_step = int(state.step)
+
+    train_step = make_train_step(student, objective, tx, teacher=teacher, weight_rules=rules)
+    eval_step = make_eval_step(student, weight_rules=rules)
+    batches = train_batches(
+        dataset.train,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        augment=Augment(**config.augment.to_dict()),
+        pixel_scale=dataset.pixel_scale,
+    )
+    writer = _MetricWriter(workdir)
+    progress = tqdm.tqdm(
+        total=config.num_steps,
+        initial=start_step,
+        disable=not config.progress,
+        desc=os.path.basename(workdir),
+        dynamic_ncols=True,
+    )
+    pending: list[dict[str, jax.Array]] = []
+    window_start = time.perf_counter()
+    train_start = time.perf_counter()
+    try:
+        for step in range(start_step + 1, config.num_steps + 1):
+            state, metrics = train_step(state, teacher_variables, next(batches))
+            pending.append(metrics)
+            if (
+                step % config.log_every
+                and step % config.checkpoint_every
+                and step != config.num_steps
+            ):
+                continue
+            logged = jax.device_get(pending)
+            pending = []
+            if not all(m["finite"] for m in logged):
+                bad = step - len(logged) + next(i for i, m in enumerate(logged) if not m["finite"])
+                raise NonFiniteLossError(
+                    f"the loss or its gradient became NaN/inf at step {bad + 1}; the run stopped "
+                    f"and kept its last good checkpoint (step {checkpoints.latest_step()}) in "
+                    f"{checkpoints.directory}. Lower config.optimizer.learning_rate or set "
+                    "config.optimizer.grad_clip_norm, and check the data for NaN/inf."
+                )
+            elapsed = time.perf_counter() - window_start
+            window_start = time.perf_counter()
+            scalars = {
+                name: float(np.mean([m[name] for m in logged]))
+                for name in logged[-1]
+                if name != "finite"
+            }
+            scalars["examples_per_second"] = len(logged) * config.batch_size / max(elapsed, 1e-9)
+            writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
+            progress.set_postfix(
+                loss=f"{scalars['loss']:.4f}",
+                acc=f"{scalars['accuracy']:.3f}",
+                ex_s=f"{scalars['examples_per_second']:.0f}",
+            )
+            progress.update(len(logged))
+            checkpoints.save(step, state, force=step == config.num_steps)
+        train_seconds = time.perf_counter() - train_start
+        test = evaluate(
+            eval_step,
+            state.params,
+            dataset.test,
+            batch_size=config.eval_batch_size,
+            pixel_scale=dataset.pixel_scale,
+        )
+        writer.write(config.num_steps, {f"test/{k}": v for k, v in test.items()})
+    finally:
+        progress.close()
+        writer.close()
+        checkpoints.close()
+
+    export_params = quantize_tree(state.params, rules) if rules else state.params
+    bits = config.quant.weight_bits or 32
+    recipe = {
+        "kdq_version": kdq.__version__,
+        "model": config.model.name,
+        "model_options": config.model.options.to_dict(),
+        "weight_bits": bits,
+        "weight_rules": [[regex, repr(spec)] for regex, spec in rules],
+    }
+    report = {
+        "model": config.model.name,
+        "params": count_params(state.params),
+        "weight_bits": bits,
+        "act_bits": 32,
+        "seed": config.seed,
+        "steps": config.num_steps,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "checkpoint_bytes": checkpoint.export_model(workdir, export_params, recipe),
+        "train_seconds": train_seconds,
+    }
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report

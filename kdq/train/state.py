@@ -1,0 +1,78 @@
+"""`TrainState`: everything a run updates, and nothing it does not.
+
+The teacher is not in the state: it is never differentiated, never updated and
+never re-saved; it is passed to the train step as a separate argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """Student parameters, learned quantizer and loss parameters, optimizer state.
+
+    Attributes:
+      step: number of optimizer steps taken (int32 scalar).
+      params: the student's Linen params.
+      quant_params: learned quantizer state (LSQ steps, PACT clip values); {}
+        when the quantizers are calibrated rather than learned.
+      distill_params: learned parameters of the loss terms (FitNets
+        projections), {} when none.
+      opt_state: optax state of `trainable`.
+      key: the run's PRNG key (raw uint32[2]); step t uses fold_in(key, t).
+    """
+
+    step: jax.Array
+    params: Any
+    quant_params: Any
+    distill_params: Any
+    opt_state: optax.OptState
+    key: jax.Array
+
+    @property
+    def trainable(self) -> dict[str, Any]:
+        """The pytree the optimizer updates."""
+        return {
+            "params": self.params,
+            "quant": self.quant_params,
+            "distill": self.distill_params,
+        }
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        params: Any,
+        tx: optax.GradientTransformation,
+        key: jax.Array,
+        quant_params: Any = None,
+        distill_params: Any = None,
+    ) -> TrainState:
+        """A step-0 state with freshly initialised optimizer state."""
+        state = cls(
+            step=jax.numpy.zeros((), jax.numpy.int32),
+            params=params,
+            quant_params=quant_params or {},
+            distill_params=distill_params or {},
+            opt_state=None,
+            key=key,
+        )
+        return state.replace(opt_state=tx.init(state.trainable))
+
+    def apply_gradients(self, grads: dict[str, Any], tx: optax.GradientTransformation):
+        """One optimizer step on `trainable`."""
+        updates, opt_state = tx.update(grads, self.opt_state, self.trainable)
+        new = optax.apply_updates(self.trainable, updates)
+        return self.replace(
+            step=self.step + 1,
+            params=new["params"],
+            quant_params=new["quant"],
+            distill_params=new["distill"],
+            opt_state=opt_state,
+        )

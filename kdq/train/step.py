@@ -1,0 +1,138 @@
+"""The jitted teacher/student train step and the eval step.
+
+One `train_step(state, teacher_variables, batch)` runs, in one XLA program:
+the teacher's forward pass (inference mode, no gradient), the student's
+forward pass on weights fake-quantized by the rules (QAT), the objective
+(cross-entropy + distillation terms) and the optimizer update. A step whose
+loss is not finite leaves the state unchanged and reports `finite = 0`, so a
+caller can stop before anything corrupt is saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdq.distill.objective import Objective
+from kdq.distill.taps import apply_with_taps
+from kdq.quant import QuantSpec, fake_quant_tree
+from kdq.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Rules = list[tuple[str, QuantSpec | None]]
+
+
+def student_weights(params: Any, weight_rules: Rules, key: jax.Array | None = None) -> Any:
+    """The weights the student computes with: fake-quantized by the rules, or as is."""
+    return fake_quant_tree(params, weight_rules, key=key) if weight_rules else params
+
+
+def make_train_step(
+    student: nn.Module,
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    *,
+    teacher: nn.Module | None = None,
+    weight_rules: Rules = (),
+) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the jitted train step.
+
+    Args:
+      student: the Linen model being trained.
+      objective: the weighted loss terms.
+      tx: the optax optimizer over `TrainState.trainable`.
+      teacher: the Linen teacher, required when the objective distills.
+      weight_rules: (regex, QuantSpec | None) rules fake-quantizing the
+        student's params in the forward pass (QAT); () trains in float.
+
+    Returns:
+      `step(state, teacher_variables, batch) -> (state, metrics)`, jitted with
+      the state donated. `batch` holds "image" (B, H, W, C) and "label" (B,);
+      `teacher_variables` is ignored (pass None) when the objective has no
+      teacher term. Metrics: "loss", "accuracy", "finite" and "loss/<term>".
+    """
+    if objective.needs_teacher and teacher is None:
+        raise ValueError("the objective has distillation terms but no teacher model was given")
+    weight_rules = list(weight_rules)
+
+    def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
+        step_key = jax.random.fold_in(state.key, state.step)
+        images, labels = batch["image"], batch["label"]
+        teacher_logits, teacher_features = None, {}
+        if objective.needs_teacher:
+            teacher_logits, teacher_features, _ = apply_with_taps(
+                teacher, teacher_variables, images, taps=objective.teacher_taps, train=False
+            )
+            teacher_logits, teacher_features = jax.lax.stop_gradient(
+                (teacher_logits, teacher_features)
+            )
+
+        def loss_fn(trainable):
+            weights = student_weights(trainable["params"], weight_rules, step_key)
+            logits, features, _ = apply_with_taps(
+                student, {"params": weights}, images, taps=objective.student_taps, train=True
+            )
+            loss, metrics = objective(
+                trainable["distill"],
+                student_logits=logits,
+                teacher_logits=teacher_logits,
+                labels=labels,
+                student_features=features,
+                teacher_features=teacher_features,
+            )
+            return loss, (logits, metrics)
+
+        (loss, (logits, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.trainable
+        )
+        new_state = state.apply_gradients(grads, tx)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+        )
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), new_state, state
+        )
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            "finite": finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(
+    model: nn.Module, *, weight_rules: Rules = ()
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """Builds the jitted eval step.
+
+    Args:
+      model: the Linen model.
+      weight_rules: the same rules as in training, so that a QAT model is
+        evaluated with the quantized weights it will be deployed with.
+
+    Returns:
+      `eval_step(params, batch) -> {"correct", "count", "loss_sum"}` summed over
+      the examples with batch["mask"] true (all when there is no mask).
+    """
+    weight_rules = list(weight_rules)
+
+    def eval_step(params: Any, batch: Batch):
+        logits = model.apply({"params": student_weights(params, weight_rules)}, batch["image"])
+        labels = batch["label"]
+        mask = batch.get("mask", jnp.ones(labels.shape, bool))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
+            "count": jnp.sum(mask),
+            "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
+        }
+
+    return jax.jit(eval_step)

@@ -1,0 +1,113 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdq.distill.objective import Objective
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _numpy_ce(logits, labels):
+    return -_log_softmax(logits)[np.arange(len(labels)), labels]
+
+
+def _numpy_kd(s, t, temperature):
+    log_p_t = _log_softmax(t / temperature)
+    log_p_s = _log_softmax(s / temperature)
+    return temperature**2 * (np.exp(log_p_t) * (log_p_t - log_p_s)).sum(-1)
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    return {
+        "s": rng.normal(size=(6, 5)).astype(np.float32),
+        "t": rng.normal(size=(6, 5)).astype(np.float32) * 3,
+        "labels": rng.integers(0, 5, size=6),
+    }
+
+
+def test_weighted_sum_of_ce_and_kd_matches_numpy(batch):
+    objective = Objective.from_config(
+        {"ce": {"weight": 0.3}, "kd": {"weight": 0.7, "temperature": 2.0}}
+    )
+    loss, metrics = jax.jit(
+        lambda s, t, y: objective({}, student_logits=s, teacher_logits=t, labels=y)
+    )(batch["s"], batch["t"], batch["labels"])
+    ce = _numpy_ce(batch["s"], batch["labels"]).mean()
+    kd = _numpy_kd(batch["s"], batch["t"], 2.0).mean()
+    np.testing.assert_allclose(metrics["loss/ce"], ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/kd"], kd, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.3 * ce + 0.7 * kd, rtol=1e-5)
+
+
+def test_where_averages_over_valid_examples_only(batch):
+    objective = Objective.from_config({"ce": {"weight": 1.0}})
+    where = np.array([True, True, False, True, False, True])
+    loss, _ = objective(
+        {}, student_logits=batch["s"], teacher_logits=None, labels=batch["labels"], where=where
+    )
+    expected = _numpy_ce(batch["s"][where], batch["labels"][where]).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_ce_alone_needs_no_teacher():
+    assert not Objective.from_config({"ce": {"weight": 1.0}}).needs_teacher
+    assert Objective.from_config({"ce": {}, "kd": {"weight": 0.5}}).needs_teacher
+
+
+def test_zero_weight_terms_are_dropped():
+    objective = Objective.from_config({"ce": {"weight": 1.0}, "kd": {"weight": 0.0}})
+    assert [t.name for t in objective.terms] == ["ce"]
+    assert not objective.needs_teacher
+
+
+def test_named_feature_term_with_kind_and_taps():
+    objective = Objective.from_config(
+        {"hint": {"kind": "fitnets", "weight": 2.0, "student": "Dense_0", "teacher": "Conv_1"}}
+    )
+    assert objective.student_taps == ("Dense_0",)
+    assert objective.teacher_taps == ("Conv_1",)
+    params = objective.init_params(
+        jax.random.PRNGKey(0),
+        {"Dense_0": jax.ShapeDtypeStruct((4, 2, 2, 8), jnp.float32)},
+        {"Conv_1": jax.ShapeDtypeStruct((4, 2, 2, 16), jnp.float32)},
+    )
+    assert params["hint"]["kernel"].shape == (8, 16)
+    assert params["hint"]["bias"].shape == (16,)
+
+
+def test_mismatched_feature_shapes_name_both_paths_and_shapes():
+    objective = Objective.from_config({"fitnets": {"student": "Dense_0", "teacher": "Conv_1"}})
+    with pytest.raises(
+        ValueError, match=r"'Dense_0' of shape \(4, 32\).*'Conv_1' of shape \(4, 2, 2, 16\)"
+    ):
+        objective.init_params(
+            jax.random.PRNGKey(0),
+            {"Dense_0": jax.ShapeDtypeStruct((4, 32), jnp.float32)},
+            {"Conv_1": jax.ShapeDtypeStruct((4, 2, 2, 16), jnp.float32)},
+        )
+
+
+def test_unknown_loss_kind_lists_known_kinds():
+    with pytest.raises(ValueError, match=r"unknown kind='nope'.*'kd', 'dkd'"):
+        Objective.from_config({"nope": {"weight": 1.0}})
+
+
+def test_feature_term_without_taps_is_an_error():
+    with pytest.raises(ValueError, match=r"needs 'student' and 'teacher'.*teacher=None"):
+        Objective.from_config({"rkd": {"student": "Dense_0"}})
+
+
+def test_negative_weight_is_an_error():
+    with pytest.raises(ValueError, match=r"weight >= 0, got weight=-1"):
+        Objective.from_config({"ce": {"weight": -1}})
+
+
+def test_empty_objective_is_an_error():
+    with pytest.raises(ValueError, match="at least one loss term"):
+        Objective.from_config({})
