@@ -19,6 +19,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
+demo: $(STAMP)
+	$(BIN)/python -m experiments.demo --workdir runs/demo
+
 lint: $(STAMP)
 	$(BIN)/ruff format --check kdq experiments tests
 	$(BIN)/ruff check kdq experiments tests

@@ -10,14 +10,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from kdq.quant import QArray
+from kdq.quant import QArray, QuantSpec
+from kdq.quant.integer import QuantizedModel
+from kdq.quant.packing import pack_int4, unpack_int4
+from kdq.quant.recipe import QuantRecipe
+
+
+def kdq_version() -> str:
+    """The installed kdq version (recorded in checkpoints)."""
+    from kdq import __version__
+
+    return __version__
 
 
 def directory_bytes(path: str | os.PathLike) -> int:
@@ -138,3 +152,131 @@ def load_float_params(workdir: str | os.PathLike, template: Any) -> Any:
             f"the model exported at {path} does not fit the requested architecture "
             f"({type(e).__name__}: {e}); check the teacher's name and options"
         ) from e
+
+
+def _encode_quantized(tree: Any) -> tuple[Any, dict[str, Any]]:
+    """Arrays to save (int4 bit-packed) and the layout needed to decode them."""
+    flat = flax.traverse_util.flatten_dict(
+        tree, sep="/", is_leaf=lambda _, x: isinstance(x, QArray)
+    )
+    arrays, layout = {}, {}
+    for path, leaf in flat.items():
+        if not isinstance(leaf, QArray):
+            arrays[path] = np.asarray(leaf)
+            continue
+        bits4 = jnp.iinfo(leaf.qvalue.dtype).bits == 4
+        qvalue = np.asarray(leaf.qvalue)
+        arrays[f"{path}/qvalue"] = pack_int4(qvalue) if bits4 else qvalue
+        arrays[f"{path}/scale"] = np.asarray(leaf.scale)
+        if leaf.zero_point is not None:
+            zero_point = np.asarray(leaf.zero_point)
+            arrays[f"{path}/zero_point"] = pack_int4(zero_point) if bits4 else zero_point
+        layout[path] = {
+            "shape": list(leaf.shape),
+            "scale_shape": list(leaf.scale.shape),
+            "packed_int4": bits4,
+            "spec": dataclasses.asdict(leaf.spec),
+        }
+    return flax.traverse_util.unflatten_dict(arrays, sep="/"), layout
+
+
+def _decode_quantized(arrays: Any, layout: dict[str, Any]) -> Any:
+    flat = flax.traverse_util.flatten_dict(arrays, sep="/")
+    for path, info in layout.items():
+        spec = QuantSpec(**{**info["spec"], "axes": tuple(info["spec"]["axes"])})
+        qvalue = flat.pop(f"{path}/qvalue")
+        zero_point = flat.pop(f"{path}/zero_point", None)
+        if info["packed_int4"]:
+            qvalue = unpack_int4(qvalue, tuple(info["shape"]), signed=spec.signed)
+            if zero_point is not None:
+                zero_point = unpack_int4(zero_point, tuple(info["scale_shape"]), signed=spec.signed)
+        flat[path] = QArray(
+            qvalue=jnp.asarray(qvalue, spec.dtype),
+            scale=jnp.asarray(flat.pop(f"{path}/scale")),
+            zero_point=None if zero_point is None else jnp.asarray(zero_point, spec.dtype),
+            spec=spec,
+        )
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def save_quantized(
+    directory: str | os.PathLike, qmodel: QuantizedModel, *, metadata: dict[str, Any] | None = None
+) -> int:
+    """Saves a `QuantizedModel`: integers (int4 packed two per byte), scales, recipe.
+
+    No float copy of a quantized weight is written. The directory is written
+    atomically by orbax; an existing directory is replaced only once the new
+    one is complete.
+
+    Args:
+      directory: the checkpoint directory.
+      qmodel: the quantized model.
+      metadata: extra JSON-serialisable information (e.g. the model's name).
+
+    Returns:
+      Bytes on disk of the checkpoint.
+    """
+    directory = os.path.abspath(directory)
+    params, params_layout = _encode_quantized(qmodel.params)
+    recipe_metadata = {
+        "kdq_version": kdq_version(),
+        "recipe": json.loads(qmodel.recipe.to_json()),
+        "layout": params_layout,
+        "extra": metadata or {},
+    }
+    tree = {"params": params, "act_scales": jax.tree_util.tree_map(np.asarray, qmodel.act_scales)}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(
+            directory,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(tree), recipe=ocp.args.JsonSave(recipe_metadata)
+            ),
+            force=True,
+        )
+    return directory_bytes(directory)
+
+
+def restore_quantized(
+    directory: str | os.PathLike, *, expected_recipe: QuantRecipe | None = None
+) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Restores a `QuantizedModel` saved by `save_quantized`, bit-exactly.
+
+    Args:
+      directory: the checkpoint directory.
+      expected_recipe: if given, the saved recipe must equal it.
+
+    Returns:
+      (quantized model, extra metadata).
+
+    Raises:
+      FileNotFoundError: no checkpoint there.
+      ValueError: the checkpoint is incomplete or damaged, or its recipe
+        differs from `expected_recipe`.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no quantized checkpoint at {directory}")
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(
+                directory,
+                args=ocp.args.Composite(
+                    arrays=ocp.args.StandardRestore(), recipe=ocp.args.JsonRestore()
+                ),
+            )
+        metadata = restored["recipe"]
+        recipe = QuantRecipe.from_json(json.dumps(metadata["recipe"]))
+        arrays = restored["arrays"]
+        params = _decode_quantized(arrays["params"], metadata["layout"])
+    except Exception as e:  # orbax / tensorstore raise many types for damaged data
+        raise ValueError(
+            f"the quantized checkpoint at {directory} is incomplete or damaged "
+            f"({type(e).__name__}: {e}); restore an earlier copy or re-export the model"
+        ) from e
+    if expected_recipe is not None and recipe != expected_recipe:
+        raise ValueError(
+            f"the checkpoint at {directory} was made with a different recipe:\n"
+            f"  saved:    {recipe.to_json()}\n  expected: {expected_recipe.to_json()}"
+        )
+    act_scales = jax.tree_util.tree_map(jnp.asarray, arrays.get("act_scales", {}) or {})
+    return QuantizedModel(params=params, act_scales=act_scales, recipe=recipe), metadata["extra"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import jax
 
 
 def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -55,3 +58,23 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt.format(*header), rule, *(fmt.format(*line) for line in lines)])
+
+
+def median_latency_ms(fn, *args: Any, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time in milliseconds of `fn(*args)` after warm-up calls.
+
+    Args:
+      fn: a (jitted) function; its outputs are waited for with
+        `jax.block_until_ready`.
+      *args: its arguments.
+      warmup: untimed calls first (compilation, caches).
+      repeats: timed calls.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)

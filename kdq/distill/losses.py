@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import optax
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 # Floor of the L2 norm when normalising vectors, as in ``torch.nn.functional.normalize``,
 # which the reference implementations of AT, RKD and SP use.
@@ -86,7 +86,7 @@ def _zero_masked_rows(x: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
 
-def _num_valid(valid: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def _num_valid(valid: jax.Array, dtype: DTypeLike) -> jax.Array:
     """Number of valid examples, floored at 1 so that dividing by it is always safe."""
     return jnp.maximum(jnp.sum(valid), 1).astype(dtype)
 
@@ -284,7 +284,7 @@ def init_projection(
     key: jax.Array,
     student_channels: int,
     teacher_channels: int,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> dict[str, jax.Array]:
     """Initialises the FitNets regressor mapping student channels to teacher channels.
 

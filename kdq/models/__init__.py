@@ -6,9 +6,49 @@ from typing import Any
 
 import flax.linen as nn
 
+from kdq.models.mobilenet import MobileNetV2, MobileNetV3Large, MobileNetV3Small
+from kdq.models.resnet import (
+    CifarResNet,
+    ResNet,
+    ResNet8,
+    ResNet8x4,
+    ResNet14,
+    ResNet18,
+    ResNet20,
+    ResNet32,
+    ResNet32x4,
+    ResNet34,
+    ResNet44,
+    ResNet50,
+    ResNet56,
+    ResNet110,
+)
 from kdq.models.small import CNN, MLP, count_params
+from kdq.models.wide_resnet import WideResNet, WRN16x2, WRN40x2
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    # CIFAR (RepDistiller).
+    "resnet8": ResNet8,
+    "resnet14": ResNet14,
+    "resnet20": ResNet20,
+    "resnet32": ResNet32,
+    "resnet44": ResNet44,
+    "resnet56": ResNet56,
+    "resnet110": ResNet110,
+    "resnet8x4": ResNet8x4,
+    "resnet32x4": ResNet32x4,
+    "wrn_16_2": WRN16x2,
+    "wrn_40_2": WRN40x2,
+    # ImageNet (torchvision); the ResNets take `cifar_stem=True` for 32x32 images.
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "resnet50": ResNet50,
+    "mobilenet_v2": MobileNetV2,
+    "mobilenet_v3_small": MobileNetV3Small,
+    "mobilenet_v3_large": MobileNetV3Large,
+}
 
 
 def create_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
@@ -34,4 +74,30 @@ def create_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
     return cls(num_classes=num_classes, **options)
 
 
-__all__ = ["CNN", "MLP", "MODELS", "count_params", "create_model"]
+__all__ = [
+    "CNN",
+    "MLP",
+    "MODELS",
+    "CifarResNet",
+    "MobileNetV2",
+    "MobileNetV3Large",
+    "MobileNetV3Small",
+    "ResNet",
+    "ResNet8",
+    "ResNet8x4",
+    "ResNet14",
+    "ResNet18",
+    "ResNet20",
+    "ResNet32",
+    "ResNet32x4",
+    "ResNet34",
+    "ResNet44",
+    "ResNet50",
+    "ResNet56",
+    "ResNet110",
+    "WRN16x2",
+    "WRN40x2",
+    "WideResNet",
+    "count_params",
+    "create_model",
+]

@@ -198,6 +198,25 @@ def _mse_clip_ratio(
     return ratio
 
 
+def scale_from_range(
+    lo: ArrayLike, hi: ArrayLike, spec: QuantSpec
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scale and zero point that represent [lo, hi] (widened to contain 0).
+
+    Args:
+      lo, hi: range bounds (any broadcastable shapes); for a symmetric spec
+        only hi is used (the bound of |x|, or of max(x, 0) when unsigned).
+      spec: the quantizer.
+
+    Returns:
+      (scale, zero_point) as in `calibrate`.
+    """
+    lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
+    hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+    scale, zero_point = _scale_and_zero_point(lo, hi, spec)
+    return scale, None if zero_point is None else zero_point.astype(spec.dtype)
+
+
 def _poison_non_finite(x: jax.Array, scale: jax.Array) -> jax.Array:
     """NaN scale for every group of x that holds a non-finite value."""
     finite = _reduce(jnp.isfinite(x), scale.shape, jnp.all)

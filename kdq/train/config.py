@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from kdq.quant import QuantSpec
+from kdq.quant.recipe import QuantRecipe
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,13 +28,26 @@ def default_config() -> ml_collections.ConfigDict:
     # Objective: {term name: {"weight": w, **loss options}}; see kdq.distill.objective.
     config.losses = ml_collections.ConfigDict({"ce": {"weight": 1.0}})
 
-    # Weight quantization during training (QAT); weight_bits = 0 keeps float.
+    # "train": train (QAT when quant asks for it); "ptq": quantize the float
+    # model of `init_from` after training, without training.
+    config.mode = "train"
+    # Workdir of a finished float run whose exported params initialise the model.
+    config.init_from = ""
+
+    # Quantization; weight_bits = 0 / act_bits = 0 keep weights / activations float.
     config.quant = ml_collections.ConfigDict(
         {
             "weight_bits": 0,
-            "weight_regex": ".*kernel",
+            "weight_regex": ".*kernel",  # over param paths
             "per_channel": True,
-            "calibration": "absmax",
+            "calibration": "absmax",  # absmax | minmax | percentile,<p> | mse
+            "weight_mode": "calibrated",  # calibrated | lsq
+            "act_bits": 0,
+            "act_regex": ".*",  # over module paths (inputs of Dense/Conv/Einsum)
+            "act_signed": True,
+            "act_mode": "dynamic",  # dynamic | static | lsq | pact
+            "act_calibration": "minmax",  # minmax | ema | percentile,<p>
+            "calibration_batches": 4,
         }
     )
 
@@ -60,17 +74,25 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def weight_rules(config: ml_collections.ConfigDict) -> list[tuple[str, QuantSpec]]:
-    """The weight quantization rules a config asks for ([] when float)."""
+def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
+    """The quantization recipe a config asks for (empty rules when float)."""
     quant = config.quant
-    if not quant.weight_bits:
-        return []
-    spec = QuantSpec(
-        bits=quant.weight_bits,
-        axes=(-1,) if quant.per_channel else (),
-        calibration=quant.calibration,
+    weight_rules, act_rules = [], []
+    if quant.weight_bits:
+        spec = QuantSpec(
+            bits=quant.weight_bits,
+            axes=(-1,) if quant.per_channel else (),
+            calibration=quant.calibration,
+        )
+        weight_rules = [(quant.weight_regex, spec)]
+    if quant.act_bits:
+        act_rules = [(quant.act_regex, QuantSpec(bits=quant.act_bits, signed=quant.act_signed))]
+    return QuantRecipe(
+        weight_rules=weight_rules,
+        act_rules=act_rules,
+        weight_mode=quant.weight_mode,
+        act_mode=quant.act_mode,
     )
-    return [(quant.weight_regex, spec)]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -94,4 +116,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.optimizer.warmup_steps must be in [0, num_steps={config.num_steps}), "
             f"got {opt.warmup_steps!r}"
         )
-    weight_rules(config)
+    if config.mode not in ("train", "ptq"):
+        raise ValueError(f"config.mode must be 'train' or 'ptq', got {config.mode!r}")
+    if config.mode == "ptq" and not config.init_from:
+        raise ValueError("config.mode='ptq' quantizes a trained model: set config.init_from")
+    if config.quant.calibration_batches < 1:
+        raise ValueError(
+            "config.quant.calibration_batches must be >= 1, got "
+            f"{config.quant.calibration_batches!r}"
+        )
+    quant_recipe(config)

@@ -24,20 +24,30 @@ import optax
 import tensorboardX
 import tqdm
 
-import kdq
 from kdq import checkpoint
 from kdq.data import Augment, Dataset, eval_batches, load_dataset, train_batches
 from kdq.distill.objective import Objective
 from kdq.distill.taps import apply_with_taps
 from kdq.models import count_params, create_model
-from kdq.quant import quantize_tree
+from kdq.quant import dequantize_tree
+from kdq.quant.integer import integer_apply, to_quantized_model
+from kdq.quant.qat import init_quant_params
+from kdq.report import median_latency_ms
 from kdq.train import config as config_lib
 from kdq.train.state import TrainState
-from kdq.train.step import make_eval_step, make_train_step
+from kdq.train.step import classification_sums, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or a gradient became NaN/inf; the run stopped before saving it."""
+
+
+def _decay_mask(trainable: dict[str, Any]) -> dict[str, Any]:
+    """Weight decay on the params and loss params, never on quantizer state."""
+    return {
+        name: jax.tree_util.tree_map(lambda _, decay=name != "quant": decay, tree)
+        for name, tree in trainable.items()
+    }
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -60,12 +70,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             f"config.optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}"
         )
     if opt.name == "adamw":
-        tx = optax.adamw(learning_rate, weight_decay=opt.weight_decay)
+        tx = optax.adamw(learning_rate, weight_decay=opt.weight_decay, mask=_decay_mask)
     elif opt.name == "adam":
         tx = optax.adam(learning_rate)
     elif opt.name == "sgd":
         tx = optax.chain(
-            optax.add_decayed_weights(opt.weight_decay),
+            optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
             optax.sgd(learning_rate, momentum=opt.momentum, nesterov=True),
         )
     else:
@@ -117,11 +127,34 @@ def load_teacher(config: ml_collections.ConfigDict, dataset: Dataset):
     return teacher, {"params": params}
 
 
-def _init_state(config, student, teacher, teacher_variables, objective, tx, dataset):
+def _calibration_images(dataset: Dataset, config: ml_collections.ConfigDict) -> list[np.ndarray]:
+    """The first `calibration_batches` train batches, in storage order."""
+    images = []
+    for batch in eval_batches(
+        dataset.train, batch_size=config.batch_size, pixel_scale=dataset.pixel_scale
+    ):
+        images.append(batch["image"][batch["mask"]])
+        if len(images) == config.quant.calibration_batches:
+            break
+    return images
+
+
+def _init_state(config, student, teacher, teacher_variables, objective, recipe, tx, dataset):
     key = jax.random.PRNGKey(config.seed)
     init_key, distill_key, run_key = jax.random.split(key, 3)
     dummy = jnp.zeros((config.batch_size, *dataset.image_shape), jnp.float32)
     params = student.init(init_key, dummy)["params"]
+    if config.init_from:
+        params = checkpoint.load_float_params(config.init_from, params)
+    quant_params = None
+    if recipe.quantizes_weights or recipe.quantizes_activations:
+        quant_params = init_quant_params(
+            student,
+            {"params": params},
+            recipe,
+            _calibration_images(dataset, config),
+            act_method=config.quant.act_calibration,
+        )
     distill_params = {}
     if objective.needs_teacher:
         _, student_features, _ = jax.eval_shape(
@@ -135,14 +168,20 @@ def _init_state(config, student, teacher, teacher_variables, objective, tx, data
             dummy,
         )
         distill_params = objective.init_params(distill_key, student_features, teacher_features)
-    return TrainState.create(params=params, tx=tx, key=run_key, distill_params=distill_params)
+    return TrainState.create(
+        params=params,
+        tx=tx,
+        key=run_key,
+        quant_params=quant_params,
+        distill_params=distill_params,
+    )
 
 
-def evaluate(eval_step, params, source, *, batch_size: int, pixel_scale: float) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over one full pass of `source`."""
+def evaluate(eval_fn, *args: Any, source, batch_size: int, pixel_scale: float) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of `eval_fn(*args, batch)` over one pass of `source`."""
     totals = {"correct": 0, "count": 0, "loss_sum": 0.0}
     for batch in eval_batches(source, batch_size=batch_size, pixel_scale=pixel_scale):
-        for name, value in jax.device_get(eval_step(params, batch)).items():
+        for name, value in jax.device_get(eval_fn(*args, batch)).items():
             totals[name] += value
     count = max(int(totals["count"]), 1)
     return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count}
@@ -166,50 +205,9 @@ class _MetricWriter:
         self._jsonl.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains the configured student (optionally distilled and quantized) and evaluates it.
-
-    Args:
-      config: a config built on `kdq.train.config.default_config()`.
-      workdir: the run directory; an existing run there is resumed.
-
-    Returns:
-      The final report (also written to workdir/report.json).
-    """
-    config_lib.validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
-    if config.batch_size > len(dataset.train):
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is larger than the {dataset.name} train "
-            f"split ({len(dataset.train)} examples); lower it"
-        )
-    _check_config_matches(workdir, config)
-
-    objective = Objective.from_config(config.losses.to_dict())
-    rules = config_lib.weight_rules(config)
-    student = create_model(
-        config.model.name, num_classes=dataset.num_classes, **config.model.options
-    )
-    teacher, teacher_variables = None, None
-    if objective.needs_teacher:
-        teacher, teacher_variables = load_teacher(config, dataset)
-    tx = make_optimizer(config)
-    state = _init_state(config, student, teacher, teacher_variables, objective, tx, dataset)
-
-    checkpoints = checkpoint.StateCheckpoints(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.keep_checkpoints,
-        every=config.checkpoint_every,
-    )
-    restored = checkpoints.restore_latest(state)
-    if restored is not None:
-        state = restored
+def _train(config, workdir, state, train_step, teacher_variables, dataset, checkpoints):
+    """Runs the steps after `state.step` up to config.num_steps; returns the final state."""
     start_step = int(state.step)
-
-    train_step = make_train_step(student, objective, tx, teacher=teacher, weight_rules=rules)
-    eval_step = make_eval_step(student, weight_rules=rules)
     batches = train_batches(
         dataset.train,
         batch_size=config.batch_size,
@@ -228,7 +226,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     pending: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()
-    train_start = time.perf_counter()
     try:
         for step in range(start_step + 1, config.num_steps + 1):
             state, metrics = train_step(state, teacher_variables, next(batches))
@@ -265,40 +262,129 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             progress.update(len(logged))
             checkpoints.save(step, state, force=step == config.num_steps)
-        train_seconds = time.perf_counter() - train_start
-        test = evaluate(
-            eval_step,
-            state.params,
-            dataset.test,
-            batch_size=config.eval_batch_size,
-            pixel_scale=dataset.pixel_scale,
-        )
-        writer.write(config.num_steps, {f"test/{k}": v for k, v in test.items()})
     finally:
         progress.close()
         writer.close()
-        checkpoints.close()
+    return state
 
-    export_params = quantize_tree(state.params, rules) if rules else state.params
-    bits = config.quant.weight_bits or 32
-    recipe = {
-        "kdq_version": kdq.__version__,
-        "model": config.model.name,
-        "model_options": config.model.options.to_dict(),
-        "weight_bits": bits,
-        "weight_rules": [[regex, repr(spec)] for regex, spec in rules],
+
+def _export(config, workdir, student, state, recipe, dataset) -> dict[str, Any]:
+    """Writes the inference model; returns its report fields."""
+    model_info = {"model": config.model.name, "model_options": config.model.options.to_dict()}
+    if not (recipe.quantizes_weights or recipe.quantizes_activations):
+        return {"checkpoint_bytes": checkpoint.export_model(workdir, state.params, model_info)}
+    qmodel = to_quantized_model(state.params, recipe, state.quant_params)
+    fields = {
+        "checkpoint_bytes": checkpoint.save_quantized(
+            os.path.join(workdir, "model"), qmodel, metadata=model_info
+        )
     }
+    if not recipe.quantizes_activations or recipe.act_mode == "dynamic":
+        return fields
+    integer_fn = jax.jit(lambda q, x: integer_apply(student, q, x))
+    int_eval = evaluate(
+        lambda q, batch: classification_sums(integer_fn(q, batch["image"]), batch),
+        qmodel,
+        source=dataset.test,
+        batch_size=config.eval_batch_size,
+        pixel_scale=dataset.pixel_scale,
+    )
+    images = next(
+        eval_batches(
+            dataset.test, batch_size=config.eval_batch_size, pixel_scale=dataset.pixel_scale
+        )
+    )["image"]
+    float_fn = jax.jit(lambda p, x: student.apply({"params": p}, x))
+    float_params = dequantize_tree(qmodel.params)
+    fields.update(
+        test_accuracy_int=int_eval["accuracy"],
+        latency_ms_float=median_latency_ms(float_fn, float_params, images),
+        latency_ms_int=median_latency_ms(integer_fn, qmodel, images),
+        latency_batch_size=int(images.shape[0]),
+    )
+    return fields
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains the configured student (optionally distilled and quantized) and evaluates it.
+
+    With config.mode == "ptq", the float model of config.init_from is
+    quantized from calibration batches instead of trained.
+
+    Args:
+      config: a config built on `kdq.train.config.default_config()`.
+      workdir: the run directory; an existing run there is resumed.
+
+    Returns:
+      The final report (also written to workdir/report.json).
+    """
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+    if config.batch_size > len(dataset.train):
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is larger than the {dataset.name} train "
+            f"split ({len(dataset.train)} examples); lower it"
+        )
+    _check_config_matches(workdir, config)
+
+    objective = Objective.from_config(config.losses.to_dict())
+    recipe = config_lib.quant_recipe(config)
+    student = create_model(
+        config.model.name, num_classes=dataset.num_classes, **config.model.options
+    )
+    teacher, teacher_variables = None, None
+    if objective.needs_teacher and config.mode == "train":
+        teacher, teacher_variables = load_teacher(config, dataset)
+    tx = make_optimizer(config)
+    state = _init_state(config, student, teacher, teacher_variables, objective, recipe, tx, dataset)
+    train_seconds = 0.0
+    if config.mode == "train":
+        checkpoints = checkpoint.StateCheckpoints(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.keep_checkpoints,
+            every=config.checkpoint_every,
+        )
+        try:
+            restored = checkpoints.restore_latest(state)
+            state = state if restored is None else restored
+            train_step = make_train_step(student, objective, tx, teacher=teacher, recipe=recipe)
+            start = time.perf_counter()
+            state = _train(
+                config, workdir, state, train_step, teacher_variables, dataset, checkpoints
+            )
+            train_seconds = time.perf_counter() - start
+        finally:
+            checkpoints.close()
+
+    test = evaluate(
+        make_eval_step(student, recipe=recipe),
+        state.params,
+        state.quant_params,
+        source=dataset.test,
+        batch_size=config.eval_batch_size,
+        pixel_scale=dataset.pixel_scale,
+    )
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(
+            json.dumps({"step": int(state.step), **{f"test/{k}": v for k, v in test.items()}})
+            + "\n"
+        )
+
+    weight_specs = [spec for _, spec in recipe.weight_rules if spec is not None]
+    act_specs = [spec for _, spec in recipe.act_rules if spec is not None]
     report = {
         "model": config.model.name,
         "params": count_params(state.params),
-        "weight_bits": bits,
-        "act_bits": 32,
+        "weight_bits": weight_specs[0].bits if weight_specs else 32,
+        "act_bits": act_specs[0].bits if act_specs else 32,
         "seed": config.seed,
-        "steps": config.num_steps,
+        "steps": int(state.step),
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "checkpoint_bytes": checkpoint.export_model(workdir, export_params, recipe),
         "train_seconds": train_seconds,
+        **_export(config, workdir, student, state, recipe, dataset),
     }
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -2,14 +2,16 @@
 
 One `train_step(state, teacher_variables, batch)` runs, in one XLA program:
 the teacher's forward pass (inference mode, no gradient), the student's
-forward pass on weights fake-quantized by the rules (QAT), the objective
-(cross-entropy + distillation terms) and the optimizer update. A step whose
-loss is not finite leaves the state unchanged and reports `finite = 0`, so a
-caller can stop before anything corrupt is saved.
+forward pass with weights and activations fake-quantized by the recipe (QAT),
+the objective (cross-entropy + distillation terms) and the optimizer update
+of the student params, the learned quantizer params and the loss params. A
+step whose loss or gradient is not finite leaves the state unchanged and
+reports `finite = 0`, so a caller can stop before anything corrupt is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,16 +22,28 @@ import optax
 
 from kdq.distill.objective import Objective
 from kdq.distill.taps import apply_with_taps
-from kdq.quant import QuantSpec, fake_quant_tree
+from kdq.quant.intercept import activation_interceptor
+from kdq.quant.qat import quantized_weights
+from kdq.quant.recipe import QuantRecipe
 from kdq.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-Rules = list[tuple[str, QuantSpec | None]]
+FLOAT = QuantRecipe()
 
 
-def student_weights(params: Any, weight_rules: Rules, key: jax.Array | None = None) -> Any:
-    """The weights the student computes with: fake-quantized by the rules, or as is."""
-    return fake_quant_tree(params, weight_rules, key=key) if weight_rules else params
+def _quantized_forward(model, params, quant_params, recipe, images, *, taps=(), train=False):
+    """Student logits and tapped features under `recipe` (weights and activations)."""
+    weights = quantized_weights(params, recipe, quant_params)
+    intercept = (
+        nn.intercept_methods(activation_interceptor(recipe, quant_params.get("activations")))
+        if recipe.quantizes_activations
+        else contextlib.nullcontext()
+    )
+    with intercept:
+        logits, features, _ = apply_with_taps(
+            model, {"params": weights}, images, taps=taps, train=train
+        )
+    return logits, features
 
 
 def make_train_step(
@@ -38,7 +52,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     teacher: nn.Module | None = None,
-    weight_rules: Rules = (),
+    recipe: QuantRecipe = FLOAT,
 ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jitted train step.
 
@@ -47,8 +61,8 @@ def make_train_step(
       objective: the weighted loss terms.
       tx: the optax optimizer over `TrainState.trainable`.
       teacher: the Linen teacher, required when the objective distills.
-      weight_rules: (regex, QuantSpec | None) rules fake-quantizing the
-        student's params in the forward pass (QAT); () trains in float.
+      recipe: how the student's weights and activations are quantized in
+        the forward pass (QAT); the default trains in float.
 
     Returns:
       `step(state, teacher_variables, batch) -> (state, metrics)`, jitted with
@@ -58,10 +72,8 @@ def make_train_step(
     """
     if objective.needs_teacher and teacher is None:
         raise ValueError("the objective has distillation terms but no teacher model was given")
-    weight_rules = list(weight_rules)
 
     def train_step(state: TrainState, teacher_variables: Any, batch: Batch):
-        step_key = jax.random.fold_in(state.key, state.step)
         images, labels = batch["image"], batch["label"]
         teacher_logits, teacher_features = None, {}
         if objective.needs_teacher:
@@ -73,9 +85,14 @@ def make_train_step(
             )
 
         def loss_fn(trainable):
-            weights = student_weights(trainable["params"], weight_rules, step_key)
-            logits, features, _ = apply_with_taps(
-                student, {"params": weights}, images, taps=objective.student_taps, train=True
+            logits, features = _quantized_forward(
+                student,
+                trainable["params"],
+                trainable["quant"],
+                recipe,
+                images,
+                taps=objective.student_taps,
+                train=True,
             )
             loss, metrics = objective(
                 trainable["distill"],
@@ -109,30 +126,35 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, *, weight_rules: Rules = ()
-) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    model: nn.Module, *, recipe: QuantRecipe = FLOAT
+) -> Callable[[Any, Any, Batch], dict[str, jax.Array]]:
     """Builds the jitted eval step.
 
     Args:
       model: the Linen model.
-      weight_rules: the same rules as in training, so that a QAT model is
-        evaluated with the quantized weights it will be deployed with.
+      recipe: the same recipe as in training, so that a QAT model is
+        evaluated with the quantized weights and activations it is trained with.
 
     Returns:
-      `eval_step(params, batch) -> {"correct", "count", "loss_sum"}` summed over
-      the examples with batch["mask"] true (all when there is no mask).
+      `eval_step(params, quant_params, batch) -> {"correct", "count",
+      "loss_sum"}` summed over the examples with batch["mask"] true (all when
+      there is no mask).
     """
-    weight_rules = list(weight_rules)
 
-    def eval_step(params: Any, batch: Batch):
-        logits = model.apply({"params": student_weights(params, weight_rules)}, batch["image"])
-        labels = batch["label"]
-        mask = batch.get("mask", jnp.ones(labels.shape, bool))
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
-            "count": jnp.sum(mask),
-            "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
-        }
+    def eval_step(params: Any, quant_params: Any, batch: Batch):
+        logits, _ = _quantized_forward(model, params, quant_params or {}, recipe, batch["image"])
+        return classification_sums(logits, batch)
 
     return jax.jit(eval_step)
+
+
+def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Correct predictions, example count and summed cross-entropy over the masked batch."""
+    labels = batch["label"]
+    mask = batch.get("mask", jnp.ones(labels.shape, bool))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
+        "count": jnp.sum(mask),
+        "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
+    }

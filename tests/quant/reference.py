@@ -167,9 +167,7 @@ def mse_error_slack(
     r = x_hat.astype(np.float64) - values
     levels = np.abs(q - float(zero))
     ulp_s = float(np.spacing(np.abs(F32(scale))))
-    delta = (levels + 1) * 2 * SCALE_ULPS * ulp_s + 2 * np.spacing(np.abs(x_hat)).astype(
-        np.float64
-    )
+    delta = (levels + 1) * 2 * SCALE_ULPS * ulp_s + 2 * np.spacing(np.abs(x_hat)).astype(np.float64)
     band = AMBIGUOUS_REL + SCALE_ULPS * ulp_s / float(scale)
     t = values.astype(np.float64) / float(scale)
     flips = near_midpoint(t, band) * 2 * float(scale) ** 2 * band * np.abs(t)
@@ -202,10 +200,10 @@ def calibrate(x: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return scale.reshape(scale_shape), zero.reshape(scale_shape), low.reshape(scale_shape)
 
 
-def near_midpoint(t: np.ndarray, rel: float = AMBIGUOUS_REL) -> np.ndarray:
-    """True where t is within rel * |t| of a rounding midpoint k + 1/2."""
+def near_midpoint(t: np.ndarray, rel: float = AMBIGUOUS_REL, abs_tol: float = 0.0) -> np.ndarray:
+    """True where t is within rel * |t| + abs_tol of a rounding midpoint k + 1/2."""
     t = np.asarray(t, np.float64)
-    return np.abs(t - np.floor(t) - 0.5) <= rel * np.abs(t) + 1e-300
+    return np.abs(t - np.floor(t) - 0.5) <= rel * np.abs(t) + abs_tol
 
 
 def within_ulps(actual: np.ndarray, expected: np.ndarray, ulps: float) -> np.ndarray:
@@ -316,10 +314,12 @@ def check_calibration(x: np.ndarray, spec, scale, zero_point) -> dict:
         )
         rel = AMBIGUOUS_REL + s_tol / float(s_ref)
         if not spec.symmetric:
+            # z = qmin - round(lo / s): lo / s is uncertain by the scale's band and,
+            # for an interpolated percentile, by lo's own tolerance
             t_zero = float(lo_used) / float(s_ref)
-            z_rel = rel + (lo_tol / abs(float(lo_used)) if lo_tol else 0.0)
             assert got_z == int(z_ref) or (
-                abs(got_z - int(z_ref)) == 1 and near_midpoint(t_zero, z_rel)
+                abs(got_z - int(z_ref)) == 1
+                and near_midpoint(t_zero, rel, abs_tol=lo_tol / float(s_ref))
             ), f"group {g}: zero point {got_z}, reference {int(z_ref)} (lo / s = {t_zero!r})"
         ref_scale[g] = s_ref
         rel_band[g] = rel

@@ -8,6 +8,7 @@ import pytest
 from kdq.distill.objective import Objective
 from kdq.models import create_model
 from kdq.quant import QuantSpec
+from kdq.quant.recipe import QuantRecipe
 from kdq.train import TrainState, make_eval_step, make_train_step
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -30,7 +31,7 @@ def _setup(objective_config, weight_rules=(), lr=1e-2):
     objective = Objective.from_config(objective_config)
     tx = optax.sgd(lr)
     state = TrainState.create(params=params, tx=tx, key=jax.random.PRNGKey(2))
-    step = make_train_step(student, objective, tx, teacher=teacher, weight_rules=weight_rules)
+    step = make_train_step(student, objective, tx, teacher=teacher, recipe=QuantRecipe(weight_rules=weight_rules))
     return student, teacher, teacher_variables, state, step
 
 
@@ -84,7 +85,7 @@ def test_eval_step_counts_only_masked_in_examples():
     params = student.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))["params"]
     batch = _batch(size=8)
     batch["mask"] = np.array([True] * 5 + [False] * 3)
-    out = make_eval_step(student)(params, batch)
+    out = make_eval_step(student)(params, {}, batch)
     predictions = np.argmax(student.apply({"params": params}, batch["image"]), -1)
     assert int(out["count"]) == 5
     assert int(out["correct"]) == int(np.sum(predictions[:5] == batch["label"][:5]))

@@ -1,0 +1,283 @@
+"""Real integer inference, and the quantized model it runs.
+
+`to_quantized_model` turns float params + quantizer state + recipe into a
+`QuantizedModel`: integer weights (`QArray`s of int8/int4...), float biases and
+non-quantized params, and one static activation scale per quantized module
+input. Two forward passes run it:
+
+* `fake_quant_apply`: float arithmetic on dequantized weights and
+  fake-quantized inputs (what QAT trains);
+* `integer_apply`: for each module with a quantized input *and* weight,
+  integer operands into `lax.dot_general` / `lax.conv_general_dilated` with
+  int32 accumulation, rescaled once in float32:
+
+      y = (sum_k q_x[k] q_w[k, n]) * (s_x * s_w[n]) + b[n]
+
+Agreement. Both compute the same real numbers; they differ only by float32
+rounding. For one layer with K-term dot products,
+
+      |y_int - y_fq| <= (K + 3) * eps * sum_k |x_hat[k] w_hat[k, n]|
+
+(eps = 2^-23: the float sum's error bound gamma_K plus the rounding of the
+rescale products), a few ulps of the output in practice. Through a deep
+network such a difference can move a later input across a rounding boundary
+of its quantizer, so logits then differ by up to one quantization step of
+that layer; predictions agree (tested on the digits test set).
+
+Integer operands are int8 when both ranges fit in int8 (signed <= 8 bits,
+unsigned <= 7 bits), otherwise int16. The integer path needs zero-point-free
+(symmetric) quantizers and per-tensor or per-output-channel weight scales;
+anything else raises a ValueError saying so (use `fake_quant_apply`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from kdq.quant.intercept import (
+    SUPPORTED_MODULES,
+    _compiled,
+    _is_module_call,
+    _match,
+    lookup,
+    module_path,
+)
+from kdq.quant.numerics import calibrate, dequantize, fake_quant, quantize
+from kdq.quant.qarray import QArray
+from kdq.quant.recipe import QuantRecipe
+from kdq.quant.spec import QuantSpec
+from kdq.quant.tree import tree_specs
+
+
+@struct.dataclass
+class QuantizedModel:
+    """Everything integer inference needs, as one pytree.
+
+    Attributes:
+      params: the model's params with each quantized weight a `QArray`.
+      act_scales: {module path...: {"scale": s}} nested by module path; empty
+        when activations are float or quantized dynamically.
+      recipe: the recipe (static).
+    """
+
+    params: Any
+    act_scales: Any
+    recipe: QuantRecipe = struct.field(pytree_node=False)
+
+
+def _act_scales(quant_params: Any, recipe: QuantRecipe) -> Any:
+    state = flax.traverse_util.flatten_dict(quant_params.get("activations", {}), sep="/")
+    scales = {}
+    compiled = _compiled(recipe.act_rules)
+    for key, value in state.items():
+        path, field = key.rsplit("/", 1)
+        _, spec = _match(path, compiled)
+        if field == "scale":
+            scales[f"{path}/scale"] = value
+            if f"{path}/zero_point" in state:
+                scales[f"{path}/zero_point"] = state[f"{path}/zero_point"]
+        elif field == "step":
+            scales[f"{path}/scale"] = value
+        elif field == "alpha":
+            scales[f"{path}/scale"] = value / spec.qmax
+    return flax.traverse_util.unflatten_dict(scales, sep="/")
+
+
+def to_quantized_model(
+    params: Any, recipe: QuantRecipe, quant_params: Any = None
+) -> QuantizedModel:
+    """Converts float params + quantizer state into a `QuantizedModel`.
+
+    Weights: calibrated mode quantizes with the spec's calibration; lsq mode
+    uses the learned steps as scales. Activations: static ranges, LSQ steps
+    (scale = step) and PACT clip values (scale = alpha / qmax) become static
+    scales; dynamic mode keeps none (scales are computed per batch).
+
+    Args:
+      params: float params.
+      recipe: the quantization recipe.
+      quant_params: quantizer state from `init_quant_params` / training.
+
+    Returns:
+      The `QuantizedModel`.
+    """
+    quant_params = quant_params or {}
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    steps = flax.traverse_util.flatten_dict(quant_params.get("weights", {}), sep="/")
+    for path, spec in tree_specs(params, recipe.weight_rules):
+        if spec is None:
+            continue
+        if recipe.weight_mode == "lsq":
+            flat[path] = quantize(flat[path], spec, scale=steps[f"{path}/step"])
+        else:
+            flat[path] = quantize(flat[path], spec)
+    return QuantizedModel(
+        params=flax.traverse_util.unflatten_dict(flat, sep="/"),
+        act_scales=_act_scales(quant_params, recipe) if recipe.act_mode != "dynamic" else {},
+        recipe=recipe,
+    )
+
+
+def _dequantized(params: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: dequantize(x) if isinstance(x, QArray) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, QArray),
+    )
+
+
+def _input_scale(qmodel: QuantizedModel, path: str, x: jax.Array, spec: QuantSpec):
+    if qmodel.recipe.act_mode == "dynamic":
+        return calibrate(x, spec)
+    try:
+        state = lookup(qmodel.act_scales, path)
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"the quantized model has no activation scale for module {path!r}"
+        ) from None
+    return state["scale"], state.get("zero_point")
+
+
+def fake_quant_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwargs) -> Any:
+    """The float-arithmetic forward pass of a `QuantizedModel` (reference for the integer one)."""
+    compiled = _compiled(qmodel.recipe.act_rules)
+
+    def interceptor(next_fun, args, call_kwargs, context):
+        if not _is_module_call(context) or not args:
+            return next_fun(*args, **call_kwargs)
+        path = module_path(context.module)
+        _, spec = _match(path, compiled)
+        if spec is None:
+            return next_fun(*args, **call_kwargs)
+        scale, zero_point = _input_scale(qmodel, path, args[0], spec)
+        x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
+        return next_fun(x_hat, *args[1:], **call_kwargs)
+
+    with nn.intercept_methods(interceptor):
+        return model.apply({"params": _dequantized(qmodel.params)}, x, **kwargs)
+
+
+def _operand_dtype(*specs: QuantSpec) -> jnp.dtype:
+    fits_int8 = all(s.bits <= (8 if s.signed else 7) for s in specs)
+    return jnp.dtype(jnp.int8 if fits_int8 else jnp.int16)
+
+
+def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kernel: QArray):
+    problem = None
+    if not act_spec.symmetric or not kernel.spec.symmetric:
+        problem = "zero points (symmetric=False)"
+    elif kernel.spec.group_size is not None:
+        problem = "per-group weight scales"
+    elif any(d != 1 for d in kernel.scale.shape[:-1]):
+        problem = (
+            f"weight scales of shape {kernel.scale.shape} (only per-tensor or per-output-channel)"
+        )
+    elif isinstance(module, nn.Einsum):
+        problem = "Einsum modules"
+    elif isinstance(module, nn.DenseGeneral) and (
+        module.axis not in (-1, (-1,)) or module.batch_dims
+    ):
+        problem = "DenseGeneral contracting other axes than the last"
+    elif isinstance(module, nn.Conv) and (
+        not isinstance(module.padding, str) or module.padding.upper() not in ("SAME", "VALID")
+    ):
+        problem = f"Conv padding {module.padding!r} (only 'SAME' and 'VALID')"
+    elif not isinstance(module, SUPPORTED_MODULES):
+        problem = f"{type(module).__name__} modules"
+    if problem:
+        raise ValueError(
+            f"the integer path does not support {problem} (module {path!r}); "
+            "use fake_quant_apply, or change the recipe"
+        )
+
+
+def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: jax.Array, act_spec):
+    dtype = _operand_dtype(act_spec, kernel.spec)
+    q_x = quantize(x, act_spec, scale=x_scale).qvalue.astype(dtype)
+    q_w = kernel.qvalue.astype(dtype)
+    if isinstance(module, nn.Conv):
+        spatial = x.ndim - 2
+        strides = module.strides or 1
+        strides = (strides,) * spatial if isinstance(strides, int) else tuple(strides)
+
+        def dilation(value):
+            value = value or 1
+            return (value,) * spatial if isinstance(value, int) else tuple(value)
+
+        numbers = lax.ConvDimensionNumbers(
+            lhs_spec=(0, spatial + 1, *range(1, spatial + 1)),
+            rhs_spec=(spatial + 1, spatial, *range(spatial)),
+            out_spec=(0, spatial + 1, *range(1, spatial + 1)),
+        )
+        accumulator = lax.conv_general_dilated(
+            q_x,
+            q_w,
+            window_strides=strides,
+            padding=module.padding.upper(),
+            lhs_dilation=dilation(module.input_dilation),
+            rhs_dilation=dilation(module.kernel_dilation),
+            dimension_numbers=numbers,
+            feature_group_count=module.feature_group_count,
+            preferred_element_type=jnp.int32,
+        )
+    else:
+        accumulator = lax.dot_general(
+            q_x,
+            q_w,
+            (((x.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=jnp.int32,
+        )
+    w_scale = kernel.scale.reshape(kernel.scale.shape[-1:])
+    y = accumulator.astype(jnp.float32) * (jnp.reshape(x_scale, ()) * w_scale)
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias")
+    return y
+
+
+def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwargs) -> Any:
+    """The integer forward pass of a `QuantizedModel` (see module docstring).
+
+    Modules with both a quantized input and a `QArray` kernel run on
+    integers; every other op runs in float on dequantized weights.
+    """
+    compiled = _compiled(qmodel.recipe.act_rules)
+    flat = flax.traverse_util.flatten_dict(qmodel.params, sep="/")
+    integer_modules = set()
+    for key, leaf in flat.items():
+        path = key.rsplit("/", 1)[0] if "/" in key else ""
+        if key.endswith("kernel") and isinstance(leaf, QArray) and _match(path, compiled)[1]:
+            integer_modules.add(path)
+    params = {
+        key: leaf
+        if key.rsplit("/", 1)[0] in integer_modules or not isinstance(leaf, QArray)
+        else dequantize(leaf)
+        for key, leaf in flat.items()
+    }
+    params = flax.traverse_util.unflatten_dict(params, sep="/")
+
+    def interceptor(next_fun, args, call_kwargs, context):
+        if context.method_name != "__call__" or not args:
+            return next_fun(*args, **call_kwargs)
+        path = module_path(context.module)
+        _, spec = _match(path, compiled) if path else (None, None)
+        if spec is None:
+            return next_fun(*args, **call_kwargs)
+        scale, zero_point = _input_scale(qmodel, path, args[0], spec)
+        if path not in integer_modules:
+            if not isinstance(context.module, SUPPORTED_MODULES):
+                return next_fun(*args, **call_kwargs)
+            x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
+            return next_fun(x_hat, *args[1:], **call_kwargs)
+        kernel = context.module.get_variable("params", "kernel")
+        _check_integer_ready(path, context.module, spec, kernel)
+        return _integer_module(context.module, args[0], kernel, scale, spec)
+
+    with nn.intercept_methods(interceptor):
+        return model.apply({"params": params}, x, **kwargs)

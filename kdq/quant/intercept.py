@@ -1,0 +1,176 @@
+"""Activation quantization on any Linen model, without editing it.
+
+`flax.linen.intercept_methods` sees every module call; for each call of a
+Dense, DenseGeneral, Conv or Einsum module whose path ('/'-joined module
+names, e.g. 'block_1/Conv_0') an activation rule selects, the module's input
+is fake-quantized before the module runs:
+
+    with nn.intercept_methods(activation_interceptor(recipe, act_state)):
+        logits = model.apply(variables, x)
+
+`act_state` holds the per-module quantizer state, nested by module path:
+{"Dense_0": {"scale": s[, "zero_point": z]}} (static), {"step": s} (lsq) or
+{"alpha": a} (pact); dynamic mode needs none.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from kdq.quant.numerics import fake_quant
+from kdq.quant.recipe import QuantRecipe, Rules
+from kdq.quant.spec import QuantSpec
+from kdq.quant.ste import lsq_fake_quant, lsq_grad_scale, pact_fake_quant
+
+SUPPORTED_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+STATS_COLLECTION = "kdq_activation_stats"
+
+
+def module_path(module: nn.Module) -> str:
+    """'/'-joined names of a bound module, e.g. 'block_1/Conv_0' ('' for the root)."""
+    return "/".join(module.path)
+
+
+def _compiled(rules: Rules) -> list[tuple[re.Pattern, QuantSpec | None]]:
+    return [(re.compile(pattern), spec) for pattern, spec in rules]
+
+
+def _match(path: str, compiled) -> tuple[int | None, QuantSpec | None]:
+    for i, (regex, spec) in enumerate(compiled):
+        if regex.fullmatch(path):
+            return i, spec
+    return None, None
+
+
+def lookup(tree: Any, path: str) -> Any:
+    """tree[part0][part1]... for a '/'-joined path; KeyError if absent."""
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def _is_module_call(context) -> bool:
+    return context.method_name == "__call__" and isinstance(context.module, SUPPORTED_MODULES)
+
+
+def activation_interceptor(
+    recipe: QuantRecipe,
+    act_state: Any = None,
+    *,
+    record: Callable[[jax.Array, QuantSpec], tuple[jax.Array, jax.Array]] | None = None,
+):
+    """An interceptor quantizing (or recording) the inputs of the selected modules.
+
+    Args:
+      recipe: gives `act_rules` and `act_mode`.
+      act_state: per-module quantizer state (see module docstring); unused in
+        dynamic mode.
+      record: if given, inputs are not quantized; instead `record(x, spec)`
+        returns a per-batch (lo, hi) range that is sown into the
+        `STATS_COLLECTION` collection (apply with mutable=[STATS_COLLECTION]).
+
+    Returns:
+      A function for `flax.linen.intercept_methods`.
+    """
+    compiled = _compiled(recipe.act_rules)
+
+    def interceptor(next_fun, args, kwargs, context):
+        if not _is_module_call(context) or not args:
+            return next_fun(*args, **kwargs)
+        path = module_path(context.module)
+        _, spec = _match(path, compiled)
+        if spec is None:
+            return next_fun(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        if record is not None:
+            lo, hi = record(x, spec)
+            context.module.sow(STATS_COLLECTION, "lo", lo)
+            context.module.sow(STATS_COLLECTION, "hi", hi)
+            return next_fun(x, *rest, **kwargs)
+        return next_fun(quantize_input(x, spec, recipe.act_mode, act_state, path), *rest, **kwargs)
+
+    return interceptor
+
+
+def quantize_input(x: jax.Array, spec: QuantSpec, mode: str, act_state: Any, path: str):
+    """Fake-quantizes one module input according to the activation mode."""
+    if mode == "dynamic":
+        return fake_quant(x, spec)
+    try:
+        state = lookup(act_state, path)
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"no {mode} activation state for module {path!r}: calibrate the activations "
+            "(kdq.quant.calibrate_activations / init_quant_params) before applying"
+        ) from None
+    if mode == "static":
+        return fake_quant(x, spec, scale=state["scale"], zero_point=state.get("zero_point"))
+    if mode == "lsq":
+        features = max(x[0].size if x.ndim > 1 else x.size, 1)
+        return lsq_fake_quant(x, state["step"], spec, grad_scale=lsq_grad_scale(features, spec))
+    return pact_fake_quant(x, state["alpha"], spec)
+
+
+def activation_report(
+    model: nn.Module, variables: Any, *args: Any, rules: Rules, **kwargs: Any
+) -> dict[str, QuantSpec | None]:
+    """Which quantizable modules the activation rules select, checking the rules.
+
+    Traces `model.apply(variables, *args, **kwargs)` abstractly (no compute).
+
+    Args:
+      model, variables, *args, **kwargs: as for `model.apply`.
+      rules: (regex, QuantSpec | None) over module paths.
+
+    Returns:
+      {module path: spec, or None where the input stays float} for every
+      Dense / DenseGeneral / Conv / Einsum call.
+
+    Raises:
+      ValueError: the rules select no quantizable module, or a rule selects
+        only modules kdq cannot quantize (e.g. a custom block: select the
+        layers inside it).
+    """
+    compiled = _compiled(rules)
+    supported: dict[str, QuantSpec | None] = {}
+    hits: dict[int, list[str]] = {}
+    unsupported: dict[int, list[str]] = {}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        path = module_path(context.module)
+        if context.method_name == "__call__" and path:
+            index, spec = _match(path, compiled)
+            if isinstance(context.module, SUPPORTED_MODULES):
+                supported[path] = spec
+                if index is not None:
+                    hits.setdefault(index, []).append(path)
+            elif index is not None and spec is not None:
+                unsupported.setdefault(index, []).append(
+                    f"{path} ({type(context.module).__name__})"
+                )
+        return next_fun(*call_args, **call_kwargs)
+
+    def run(variables, *args):
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables, *args, **kwargs)
+
+    jax.eval_shape(run, variables, *args)
+    for index, (regex, spec) in enumerate(compiled):
+        if spec is not None and index in unsupported and index not in hits:
+            raise ValueError(
+                f"act_rules[{index}] {regex.pattern!r} selects {unsupported[index]}, which kdq "
+                "cannot quantize: only the inputs of Dense, DenseGeneral, Conv and Einsum "
+                "modules are quantized; select the layers inside instead"
+            )
+    if compiled and not any(spec is not None for spec in supported.values()):
+        raise ValueError(
+            f"act_rules {[p.pattern for p, _ in compiled]} select no Dense/DenseGeneral/Conv/"
+            f"Einsum module (regexes must match a whole module path); their paths: "
+            f"{sorted(supported)}"
+        )
+    return supported

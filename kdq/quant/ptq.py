@@ -1,0 +1,51 @@
+"""Post-training quantization: float params + calibration data -> quantized model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from kdq.quant.integer import QuantizedModel, to_quantized_model
+from kdq.quant.qat import init_quant_params
+from kdq.quant.recipe import QuantRecipe
+
+
+def ptq(
+    model: nn.Module,
+    variables: Any,
+    batches: Iterable[jax.Array],
+    recipe: QuantRecipe,
+    *,
+    act_method: str = "minmax",
+    **apply_kwargs: Any,
+) -> QuantizedModel:
+    """Quantizes a trained float model without training.
+
+    Weights are quantized by `recipe.weight_rules` (their specs' calibration:
+    absmax, minmax, percentile or an MSE clipping search); activation ranges
+    are measured on `batches` with the quantized weights in place.
+
+    Args:
+      model: any Linen model.
+      variables: its trained variables (variables["params"] float).
+      batches: calibration inputs, each (B, ...).
+      recipe: with weight_mode "calibrated" and act_mode "static" (or
+        "dynamic" for per-batch activation ranges at inference).
+      act_method: "minmax", "ema" or "percentile,<p>".
+      **apply_kwargs: passed to `model.apply` (e.g. train=False).
+
+    Returns:
+      The `QuantizedModel` (run it with `integer_apply` / `fake_quant_apply`).
+    """
+    if recipe.weight_mode != "calibrated" or recipe.act_mode not in ("static", "dynamic"):
+        raise ValueError(
+            "ptq needs weight_mode='calibrated' and act_mode 'static' or 'dynamic', got "
+            f"weight_mode={recipe.weight_mode!r}, act_mode={recipe.act_mode!r}"
+        )
+    quant_params = init_quant_params(
+        model, variables, recipe, batches, act_method=act_method, **apply_kwargs
+    )
+    return to_quantized_model(variables["params"], recipe, quant_params)
