@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
             "act_mode": "dynamic",  # dynamic | static | lsq | pact
             "act_calibration": "minmax",  # minmax | ema | percentile,<p>
             "calibration_batches": 4,
+            # Module-path regex of layers kept at 8-bit weights and inputs (e.g.
+            # the first and last layer, as is usual below 4 bits); "" for none.
+            "edge_layers": "",
         }
     )
 
@@ -78,15 +81,17 @@ def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
     """The quantization recipe a config asks for (empty rules when float)."""
     quant = config.quant
     weight_rules, act_rules = [], []
+    axes = (-1,) if quant.per_channel else ()
     if quant.weight_bits:
-        spec = QuantSpec(
-            bits=quant.weight_bits,
-            axes=(-1,) if quant.per_channel else (),
-            calibration=quant.calibration,
-        )
-        weight_rules = [(quant.weight_regex, spec)]
+        if quant.edge_layers:
+            edge_spec = QuantSpec(bits=8, axes=axes, calibration=quant.calibration)
+            weight_rules.append((f"({quant.edge_layers})/kernel", edge_spec))
+        spec = QuantSpec(bits=quant.weight_bits, axes=axes, calibration=quant.calibration)
+        weight_rules.append((quant.weight_regex, spec))
     if quant.act_bits:
-        act_rules = [(quant.act_regex, QuantSpec(bits=quant.act_bits, signed=quant.act_signed))]
+        if quant.edge_layers:
+            act_rules.append((quant.edge_layers, QuantSpec(bits=8, signed=quant.act_signed)))
+        act_rules.append((quant.act_regex, QuantSpec(bits=quant.act_bits, signed=quant.act_signed)))
     return QuantRecipe(
         weight_rules=weight_rules,
         act_rules=act_rules,

@@ -156,7 +156,7 @@ def test_wide_resnet_parameter_count(name, num_classes):
 @pytest.mark.parametrize(
     ("name", "num_classes", "options", "millions"),
     [
-        # RepDistiller's CIFAR-100 models, as tabulated in the CRD/DKD papers.
+        # RepDistiller's CIFAR-100 models, rounded as KD papers (CRD, DKD) tabulate them.
         ("resnet20", 100, {}, 0.28),
         ("resnet56", 100, {}, 0.86),
         ("resnet110", 100, {}, 1.74),
@@ -164,6 +164,7 @@ def test_wide_resnet_parameter_count(name, num_classes):
         ("resnet32x4", 100, {}, 7.43),
         ("wrn_16_2", 100, {}, 0.70),
         ("wrn_40_2", 100, {}, 2.26),
+        ("resnet20", 10, {}, 0.27),
         # WRN-28-10 on CIFAR-10 (Zagoruyko & Komodakis, Table 4: 36.5M).
         ("wrn_16_2", 10, {"depth": 28, "widen_factor": 10}, 36.48),
     ],
@@ -292,7 +293,18 @@ def _features(name: str, size: int, taps, **options) -> dict[str, tuple[int, ...
             {},
             {"conv1": (112, 112, 64), "layer1": (56, 56, 64), "layer4": (7, 7, 512)},
         ),
-        ("resnet50", 224, {}, {"layer1": (56, 56, 256), "layer4": (7, 7, 2048)}),
+        (
+            "resnet50",
+            224,
+            {},
+            {
+                "layer1": (56, 56, 256),
+                # ResNet v1.5: the 3x3 conv strides, the first 1x1 does not.
+                "layer2/block_0/conv1": (56, 56, 128),
+                "layer2/block_0/conv2": (28, 28, 128),
+                "layer4": (7, 7, 2048),
+            },
+        ),
         ("resnet18", 32, {"cifar_stem": True}, {"layer1": (32, 32, 64), "layer4": (4, 4, 512)}),
         (
             "mobilenet_v2",
