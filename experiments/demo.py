@@ -5,7 +5,8 @@
 Rows: the float CNN teacher; an MLP student alone, distilled (KD), and
 distilled with 4-bit weights (QAT + KD); then the CNN itself quantized:
 int8 post-training quantization, and 4-bit / 2-bit weights and activations
-trained with LSQ + KD from the float CNN. Each run of seed s uses the teacher
+trained with LSQ + KD from the float CNN; and the CNN pruned to 2:4 sparsity
+with 4-bit weights, distilled from its dense float self. Each run of seed s uses the teacher
 of seed s. Prints a table and writes `<workdir>/report.json` and
 `<workdir>/accuracy_vs_size.png`.
 """
@@ -17,6 +18,7 @@ from absl import app, flags, logging
 
 from experiments.configs import (
     digits_kd,
+    digits_prune_2of4_w4_kd,
     digits_ptq_w8a8,
     digits_qat_kd,
     digits_qat_w2a2_kd,
@@ -39,6 +41,7 @@ RUNS = [
     ("ptq_w8a8", digits_ptq_w8a8),
     ("qat_w4a4_kd", digits_qat_w4a4_kd),
     ("qat_w2a2_kd", digits_qat_w2a2_kd),
+    ("pruned_2of4_w4_kd", digits_prune_2of4_w4_kd),
 ]
 
 

@@ -78,10 +78,18 @@ class StateCheckpoints:
     def restore_latest(self, template: Any) -> Any | None:
         """The latest saved state (shaped like `template`), or None if there is none."""
         step = self.latest_step()
-        if step is None:
-            return None
+        return None if step is None else self.restore(step, template)
+
+    def restore(self, step: int, template: Any = None) -> Any:
+        """The state saved at `step`, shaped like `template` (as saved when None).
+
+        Raises:
+          ValueError: the checkpoint is damaged or does not fit `template`;
+            nothing on disk is changed.
+        """
+        target = None if template is None else _abstract(template)
         try:
-            return self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(template)))
+            return self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # orbax raises many types for unreadable data
             raise ValueError(
                 f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored into "
@@ -164,17 +172,26 @@ def _encode_quantized(tree: Any) -> tuple[Any, dict[str, Any]]:
         if not isinstance(leaf, QArray):
             arrays[path] = np.asarray(leaf)
             continue
-        bits4 = jnp.iinfo(leaf.qvalue.dtype).bits == 4
+        bits = jnp.iinfo(leaf.qvalue.dtype).bits
         qvalue = np.asarray(leaf.qvalue)
-        arrays[f"{path}/qvalue"] = pack_int4(qvalue) if bits4 else qvalue
+        # Sparse layout (symmetric only, where 0.0 is the integer 0): a bitmask
+        # of the non-zeros and the non-zero values, when that is smaller.
+        nonzero = qvalue != 0
+        sparse = leaf.zero_point is None and qvalue.size + nonzero.sum() * bits < qvalue.size * bits
+        if sparse:
+            arrays[f"{path}/bitmask"] = np.packbits(nonzero.reshape(-1))
+            qvalue = qvalue[nonzero]
+        arrays[f"{path}/qvalue"] = pack_int4(qvalue) if bits == 4 else qvalue
         arrays[f"{path}/scale"] = np.asarray(leaf.scale)
         if leaf.zero_point is not None:
             zero_point = np.asarray(leaf.zero_point)
-            arrays[f"{path}/zero_point"] = pack_int4(zero_point) if bits4 else zero_point
+            arrays[f"{path}/zero_point"] = pack_int4(zero_point) if bits == 4 else zero_point
         layout[path] = {
             "shape": list(leaf.shape),
             "scale_shape": list(leaf.scale.shape),
-            "packed_int4": bits4,
+            "packed_int4": bits == 4,
+            "sparse": bool(sparse),
+            "nonzeros": int(qvalue.size),
             "spec": dataclasses.asdict(leaf.spec),
         }
     return flax.traverse_util.unflatten_dict(arrays, sep="/"), layout
@@ -186,8 +203,16 @@ def _decode_quantized(arrays: Any, layout: dict[str, Any]) -> Any:
         spec = QuantSpec(**{**info["spec"], "axes": tuple(info["spec"]["axes"])})
         qvalue = flat.pop(f"{path}/qvalue")
         zero_point = flat.pop(f"{path}/zero_point", None)
+        stored_shape = (info["nonzeros"],) if info["sparse"] else tuple(info["shape"])
         if info["packed_int4"]:
-            qvalue = unpack_int4(qvalue, tuple(info["shape"]), signed=spec.signed)
+            qvalue = unpack_int4(qvalue, stored_shape, signed=spec.signed)
+        if info["sparse"]:
+            size = int(np.prod(info["shape"], dtype=np.int64))
+            nonzero = np.unpackbits(flat.pop(f"{path}/bitmask"), count=size).astype(bool)
+            dense = np.zeros(size, qvalue.dtype)
+            dense[nonzero] = qvalue
+            qvalue = dense.reshape(info["shape"])
+        if info["packed_int4"]:
             if zero_point is not None:
                 zero_point = unpack_int4(zero_point, tuple(info["scale_shape"]), signed=spec.signed)
         flat[path] = QArray(
@@ -204,7 +229,10 @@ def save_quantized(
 ) -> int:
     """Saves a `QuantizedModel`: integers (int4 packed two per byte), scales, recipe.
 
-    No float copy of a quantized weight is written. The directory is written
+    No float copy of a quantized weight is written. A pruned (sparse) weight
+    of a symmetric quantizer is stored as a bitmask of its non-zeros plus the
+    non-zero integers when that is smaller than the dense integers (n + nnz *
+    bits < n * bits bits), so bytes on disk fall with sparsity. The directory is written
     atomically by orbax; an existing directory is replaced only once the new
     one is complete.
 

@@ -21,7 +21,7 @@ def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]
       {"name", "model", "params", "weight_bits", "act_bits", "test_accuracy"
       (mean over seeds), "test_accuracy_std" (sample std, 0 for one seed),
       "seeds", "checkpoint_bytes" (of the first seed's export)}, plus the mean
-      of "test_accuracy_int" and the median of "latency_ms_float" /
+      of "sparsity" and "test_accuracy_int" and the median of "latency_ms_float" /
       "latency_ms_int" (batch "latency_batch_size") when the runs report them.
     """
     if not reports:
@@ -39,6 +39,8 @@ def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]
         "seeds": [r["seed"] for r in reports],
         "checkpoint_bytes": first["checkpoint_bytes"],
     }
+    if "sparsity" in first:
+        row["sparsity"] = statistics.fmean(r["sparsity"] for r in reports)
     if "test_accuracy_int" in first:
         row["test_accuracy_int"] = statistics.fmean(r["test_accuracy_int"] for r in reports)
     for field in ("latency_ms_float", "latency_ms_int"):
@@ -57,6 +59,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "params",
         "W bits",
         "A bits",
+        "sparsity",
         "test acc (mean ± std)",
         "bytes",
         "float ms",
@@ -73,6 +76,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{row['params']:,}",
             str(row["weight_bits"]),
             str(row["act_bits"]),
+            f"{100 * row['sparsity']:.0f} %" if "sparsity" in row else "-",
             f"{100 * row['test_accuracy']:.2f} ± {100 * row['test_accuracy_std']:.2f} %",
             f"{row['checkpoint_bytes']:,}",
             ms(row, "latency_ms_float"),

@@ -1,0 +1,34 @@
+"""Distillation: per-example losses, feature taps, and the combined objective."""
+
+from kdq.distill.losses import (
+    attention_transfer_loss,
+    dkd_loss,
+    fitnets_loss,
+    init_projection,
+    kd_loss,
+    pkt_loss,
+    project,
+    rkd_loss,
+    similarity_preserving_loss,
+)
+from kdq.distill.objective import FEATURE_LOSSES, KINDS, LOGIT_LOSSES, Objective, Term
+from kdq.distill.taps import apply_with_taps, module_paths
+
+__all__ = [
+    "FEATURE_LOSSES",
+    "KINDS",
+    "LOGIT_LOSSES",
+    "Objective",
+    "Term",
+    "apply_with_taps",
+    "attention_transfer_loss",
+    "dkd_loss",
+    "fitnets_loss",
+    "init_projection",
+    "kd_loss",
+    "module_paths",
+    "pkt_loss",
+    "project",
+    "rkd_loss",
+    "similarity_preserving_loss",
+]

@@ -1,7 +1,21 @@
-"""Quantization: numerics, straight-through estimators, rules over pytrees."""
+"""Quantization: numerics, straight-through estimators, rules over pytrees,
+activation quantization, calibration, QAT state, PTQ and integer inference."""
 
-from kdq.quant.numerics import calibrate, dequantize, fake_quant, quantize, scale_shape
+from kdq.quant.calibration import calibrate_activations
+from kdq.quant.integer import QuantizedModel, fake_quant_apply, integer_apply, to_quantized_model
+from kdq.quant.intercept import activation_interceptor, activation_report
+from kdq.quant.numerics import (
+    calibrate,
+    dequantize,
+    fake_quant,
+    quantize,
+    scale_from_range,
+    scale_shape,
+)
+from kdq.quant.ptq import ptq
 from kdq.quant.qarray import QArray
+from kdq.quant.qat import apply_quantized, init_quant_params, quantized_weights
+from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec
 from kdq.quant.ste import (
     clipped_straight_through,
@@ -15,20 +29,33 @@ from kdq.quant.tree import dequantize_tree, fake_quant_tree, quantize_tree, tree
 
 __all__ = [
     "QArray",
+    "QuantRecipe",
     "QuantSpec",
+    "QuantizedModel",
+    "activation_interceptor",
+    "activation_report",
+    "apply_quantized",
     "calibrate",
+    "calibrate_activations",
     "clipped_straight_through",
     "dequantize",
     "dequantize_tree",
     "fake_quant",
+    "fake_quant_apply",
     "fake_quant_tree",
+    "init_quant_params",
+    "integer_apply",
     "lsq_fake_quant",
     "lsq_grad_scale",
     "pact_fake_quant",
+    "ptq",
     "quantize",
     "quantize_tree",
+    "quantized_weights",
     "round_ste",
+    "scale_from_range",
     "scale_shape",
     "straight_through",
+    "to_quantized_model",
     "tree_specs",
 ]

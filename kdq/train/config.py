@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from kdq.prune import PruneSpec, one_shot_schedule, polynomial_schedule
 from kdq.quant import QuantSpec
 from kdq.quant.recipe import QuantRecipe
 
@@ -51,6 +52,24 @@ def default_config() -> ml_collections.ConfigDict:
             # Module-path regex of layers kept at 8-bit weights and inputs (e.g.
             # the first and last layer, as is usual below 4 bits); "" for none.
             "edge_layers": "",
+        }
+    )
+
+    # Pruning during training; structure "none" disables it. The optax pruning
+    # transform runs after the optimizer, so pruned weights stay exactly zero.
+    config.prune = ml_collections.ConfigDict(
+        {
+            "structure": "none",  # none | unstructured | channel | n:m
+            "sparsity": 0.5,  # final sparsity (unstructured / channel)
+            "n": 2,  # n:m: keep n of every m along the input axis
+            "m": 4,
+            "regex": ".*kernel",  # over param paths
+            "scope": "layer",  # layer | global (unstructured)
+            "importance": "magnitude",  # magnitude | taylor
+            "schedule": "polynomial",  # one_shot | polynomial
+            "begin": 0,
+            "end": 200,  # polynomial: sparsity reaches its final value here
+            "frequency": 20,
         }
     )
 
@@ -100,6 +119,34 @@ def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
     )
 
 
+def prune_setup(config: ml_collections.ConfigDict):
+    """(schedule, rules, scope) of the pruning a config asks for, or None."""
+    prune = config.prune
+    if prune.structure == "none":
+        return None
+    if prune.structure == "n:m":
+        spec = PruneSpec(structure="n:m", n=prune.n, m=prune.m, importance=prune.importance)
+        schedule = one_shot_schedule(0.0, begin=prune.begin)
+    else:
+        spec = PruneSpec(structure=prune.structure, importance=prune.importance)
+        if prune.schedule == "one_shot":
+            schedule = one_shot_schedule(prune.sparsity, begin=prune.begin)
+        elif prune.schedule == "polynomial":
+            schedule = polynomial_schedule(
+                initial=0.0,
+                final=prune.sparsity,
+                begin=prune.begin,
+                end=prune.end,
+                frequency=prune.frequency,
+            )
+        else:
+            raise ValueError(
+                f"config.prune.schedule must be 'one_shot' or 'polynomial', got {prune.schedule!r}"
+            )
+    # The optimizer sees {"params", "quant", "distill"}: prune only the params.
+    return schedule, [(f"params/{prune.regex}", spec)], prune.scope
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the values a run depends on; raises ValueError naming the field."""
     positive = {
@@ -131,3 +178,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{config.quant.calibration_batches!r}"
         )
     quant_recipe(config)
+    prune_setup(config)

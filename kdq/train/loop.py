@@ -29,7 +29,8 @@ from kdq.data import Augment, Dataset, eval_batches, load_dataset, train_batches
 from kdq.distill.objective import Objective
 from kdq.distill.taps import apply_with_taps
 from kdq.models import count_params, create_model
-from kdq.quant import dequantize_tree
+from kdq.prune import masked_pruning, sparsity_of
+from kdq.quant import QArray, dequantize_tree
 from kdq.quant.integer import integer_apply, to_quantized_model
 from kdq.quant.qat import init_quant_params
 from kdq.report import median_latency_ms
@@ -84,6 +85,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         )
     if opt.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    pruning = config_lib.prune_setup(config)
+    if pruning is not None:
+        schedule, rules, scope = pruning
+        tx = optax.chain(tx, masked_pruning(schedule, rules, scope=scope))
     return tx
 
 
@@ -274,10 +279,20 @@ def _export(config, workdir, student, state, recipe, dataset) -> dict[str, Any]:
     if not (recipe.quantizes_weights or recipe.quantizes_activations):
         return {"checkpoint_bytes": checkpoint.export_model(workdir, state.params, model_info)}
     qmodel = to_quantized_model(state.params, recipe, state.quant_params)
+    quantized = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(
+            qmodel.params, is_leaf=lambda x: isinstance(x, QArray)
+        )
+        if isinstance(leaf, QArray)
+    ]
     fields = {
         "checkpoint_bytes": checkpoint.save_quantized(
             os.path.join(workdir, "model"), qmodel, metadata=model_info
-        )
+        ),
+        # The quantized layers alone: packed integers + scales, against float32.
+        "quantized_layers_bytes": sum(q.nbytes for q in quantized),
+        "quantized_layers_float_bytes": sum(4 * q.qvalue.size for q in quantized),
     }
     if not recipe.quantizes_activations or recipe.act_mode == "dynamic":
         return fields
@@ -374,6 +389,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     weight_specs = [spec for _, spec in recipe.weight_rules if spec is not None]
     act_specs = [spec for _, spec in recipe.act_rules if spec is not None]
+    pruning = config_lib.prune_setup(config)
+    sparsity = {}
+    if pruning is not None:
+        sparsity["sparsity"] = sparsity_of({"params": state.params}, pruning[1]).overall
     report = {
         "model": config.model.name,
         "params": count_params(state.params),
@@ -383,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "steps": int(state.step),
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
+        **sparsity,
         "train_seconds": train_seconds,
         **_export(config, workdir, student, state, recipe, dataset),
     }

@@ -66,8 +66,14 @@ class TrainState:
         return state.replace(opt_state=tx.init(state.trainable))
 
     def apply_gradients(self, grads: dict[str, Any], tx: optax.GradientTransformation):
-        """One optimizer step on `trainable`."""
-        updates, opt_state = tx.update(grads, self.opt_state, self.trainable)
+        """One optimizer step on `trainable`.
+
+        `grads` is also passed to `tx.update` as the extra argument `grads`, for
+        transforms that need the raw gradient after others changed the updates
+        (Taylor-importance pruning).
+        """
+        tx = optax.with_extra_args_support(tx)
+        updates, opt_state = tx.update(grads, self.opt_state, self.trainable, grads=grads)
         new = optax.apply_updates(self.trainable, updates)
         return self.replace(
             step=self.step + 1,

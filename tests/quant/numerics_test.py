@@ -2,10 +2,15 @@
 
 The main matrix runs every integer format (bits 1..8 and 16, signed or not,
 symmetric or affine) on every layout (per-tensor, per-channel on the last and
-the first axis, a 4-D conv kernel, per-group with and without a kept axis).
-Calibrations rotate over the matrix so that each calibration meets every
-(bits, signed, symmetric) format on some layout and every (bits, layout) pair
-in some format. All kdq calls are jitted.
+the first axis, a 4-D conv kernel, per-group). Calibrations rotate over the
+matrix so that each calibration meets every (bits, signed, symmetric) format on
+some layout and every (bits, layout) pair in some format. All kdq calls are
+jitted.
+
+Scales are compared to 2 ulp and integers exactly, except where x / s lies
+within 2^-20 (relative) of a rounding midpoint: under jit, XLA evaluates a
+division by a broadcast or constant operand as a multiplication by its
+reciprocal, which is not the correctly rounded quotient (see reference.py).
 """
 
 from __future__ import annotations

@@ -55,15 +55,7 @@ SPECS = (
 AFFINE_SPECS = tuple(s for s in SPECS if not s.symmetric)
 PER_TENSOR_ABSMAX = tuple(
     QuantSpec(bits=bits, signed=signed)
-    for bits, signed in (
-        (2, True),
-        (4, True),
-        (8, True),
-        (16, True),
-        (1, False),
-        (4, False),
-        (8, False),
-    )
+    for bits, signed in ((2, True), (8, True), (16, True), (1, False), (8, False))
 )
 
 U = 2.0**-24  # float32 unit roundoff
@@ -85,9 +77,15 @@ def _full(spec, scale, zero):
 
 @PROPERTY
 @given(x=ARRAYS, spec=st.sampled_from(SPECS))
-def test_reconstruction_error_within_half_step_inside_range(x, spec):
+def test_reconstruction_error_and_integer_range(x, spec):
+    """Two properties on the same examples: integers stay in [qmin, qmax], and inside
+    the representable range the error is at most half a step."""
     qvalue, scale, zero, x_hat, fq = jax.device_get(_roundtrip(x, spec))
     qmin, qmax = ref.int_range(spec.bits, spec.signed)
+    assert qvalue.dtype.name == ref.storage_dtype_name(spec.bits, spec.signed)
+    q = qvalue.astype(np.int64)
+    assert q.min() >= qmin and q.max() <= qmax
+    assert np.all(np.isfinite(scale)) and np.all(scale > 0)
     s, z = _full(spec, scale, zero)
     x64, x_hat64 = x.astype(np.float64), x_hat.astype(np.float64)
     inside = ((qmin - z) * s <= x64) & (x64 <= (qmax - z) * s)
@@ -99,21 +97,9 @@ def test_reconstruction_error_within_half_step_inside_range(x, spec):
     error = np.abs(x_hat64 - x64)
     assert np.all(error[inside] <= bound[inside]), (error - bound)[inside].max()
     # outside the range the value saturates at the nearest end
-    q = qvalue.astype(np.int64)
     assert np.all(q[x64 < (qmin - z) * s] == qmin)
     assert np.all(q[x64 > (qmax - z) * s] == qmax)
     np.testing.assert_array_equal(fq, x_hat)
-
-
-@PROPERTY
-@given(x=ARRAYS, spec=st.sampled_from(SPECS))
-def test_quantized_values_inside_integer_range(x, spec):
-    qvalue, scale, *_ = jax.device_get(_roundtrip(x, spec))
-    qmin, qmax = ref.int_range(spec.bits, spec.signed)
-    assert qvalue.dtype.name == ref.storage_dtype_name(spec.bits, spec.signed)
-    q = qvalue.astype(np.int64)
-    assert q.min() >= qmin and q.max() <= qmax
-    assert np.all(np.isfinite(scale)) and np.all(scale > 0)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -163,7 +149,7 @@ STOCHASTIC_SPECS = (
     QuantSpec(bits=4, symmetric=False, axes=(-1,), rounding="stochastic"),
     QuantSpec(bits=3, signed=False, axes=(0,), calibration="minmax", rounding="stochastic"),
 )
-N_KEYS = 4096
+N_KEYS = 2048
 
 
 @functools.partial(jax.jit, static_argnames="spec")

@@ -2,7 +2,8 @@
 
 Everything here follows the `QuantSpec` / `kdq.quant.numerics` docstrings
 literally, in float32 numpy arithmetic (IEEE division, `np.round` half to even),
-and never calls kdq: the tests compare kdq's output against these functions.
+and never imports kdq: the `check_*` helpers receive kdq's outputs as arrays
+(and read only the plain fields of a spec) and compare them with these functions.
 
 Grouping is derived per element: an element's scale group is given by its
 indices on the kept axes, plus (for `group_size`) its index on the contraction
@@ -18,7 +19,8 @@ TINY = np.finfo(np.float32).tiny
 MSE_RATIOS = [F32(k) / F32(100) for k in range(1, 101)]
 
 # Slack between the reference (IEEE float32 division) and XLA: XLA rewrites a
-# division by a broadcast operand, `a / broadcast(b)`, into `a * (1 / b)`. Two
+# division by a broadcast or constant operand (`x / scale`, `bound / qmax`) into
+# a multiplication by the reciprocal, `a * (1 / b)`. Two
 # roundings instead of one put the quotient within 2u = 2^-23 (relative) of the
 # exact value, so at most 2 ulp from the correctly rounded one (1 ulp is what is
 # observed). Scales are therefore compared to 2 ulp.

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.configs import digits_kd, digits_qat_kd, digits_student, digits_teacher
+from experiments.configs import (
+    digits_kd,
+    digits_prune_2of4_w4_kd,
+    digits_prune_unstructured,
+    digits_ptq_w8a8,
+    digits_qat_kd,
+    digits_qat_w2a2_kd,
+    digits_qat_w4a4_kd,
+    digits_student,
+    digits_teacher,
+)
+from kdq.checkpoint import StateCheckpoints
 from kdq.train import NonFiniteLossError, train_and_evaluate
 from kdq.train import loop as loop_lib
 
@@ -49,13 +60,35 @@ def test_loss_decreases_over_50_steps_on_digits(tmp_path):
     )
 
 
-@pytest.mark.parametrize("module", [digits_teacher, digits_student, digits_kd, digits_qat_kd])
+ALL_CONFIGS = [
+    digits_teacher,
+    digits_student,
+    digits_kd,
+    digits_qat_kd,
+    digits_ptq_w8a8,
+    digits_qat_w4a4_kd,
+    digits_qat_w2a2_kd,
+    digits_prune_2of4_w4_kd,
+    digits_prune_unstructured,
+]
+
+
+def _with_teacher(config, teacher_workdir):
+    if config.teacher.workdir:
+        config.teacher.workdir = teacher_workdir
+    if config.init_from:
+        config.init_from = teacher_workdir
+    return config
+
+
+@pytest.mark.parametrize("module", ALL_CONFIGS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_every_config_trains_a_step_under_mock_data(module, tmp_path, teacher_workdir):
-    config = _small(module.get_config(), steps=2)
-    config.teacher.workdir = teacher_workdir
+    config = _with_teacher(_small(module.get_config(), steps=2), teacher_workdir)
+    config.prune.end = min(config.prune.end, 1)
+    config.prune.frequency = 1
     with tfds.testing.mock_data(num_examples=64):
         report = train_and_evaluate(config, str(tmp_path))
-    assert report["steps"] == 2
+    assert report["steps"] == (0 if config.mode == "ptq" else 2)
     assert 0.0 <= report["test_accuracy"] <= 1.0
     with open(tmp_path / "report.json") as f:
         assert json.load(f)["checkpoint_bytes"] == report["checkpoint_bytes"] > 0
@@ -63,12 +96,10 @@ def test_every_config_trains_a_step_under_mock_data(module, tmp_path, teacher_wo
 
 def _params(workdir):
     path = os.path.join(workdir, "checkpoints")
-    step = max(int(d) for d in os.listdir(path) if d.isdigit())
-    from kdq.checkpoint import StateCheckpoints
-
     manager = StateCheckpoints(path, keep=2, every=1)
     try:
-        return step, manager._manager.restore(step)
+        step = manager.latest_step()
+        return step, manager.restore(step)
     finally:
         manager.close()
 
@@ -186,3 +217,30 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     config.model.options = {"hidden": (8,)}
     with pytest.raises(ValueError, match=r"different config \(fields \['model'\] differ\)"):
         train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("arg", ["0.5", "0.9,kd"])
+def test_unstructured_pruning_reaches_its_sparsity_and_keeps_zeros(arg, tmp_path, teacher_workdir):
+    config = _with_teacher(
+        _small(digits_prune_unstructured.get_config(arg), steps=30), teacher_workdir
+    )
+    config.prune.begin, config.prune.end, config.prune.frequency = 0, 20, 5
+    report = train_and_evaluate(config, str(tmp_path))
+    target = float(arg.split(",")[0])
+    _, state = _params(tmp_path)
+    kernels = [np.asarray(layer["kernel"]) for layer in state["params"].values()]
+    pruned = sum(int(np.sum(k == 0)) for k in kernels)
+    total = sum(k.size for k in kernels)
+    # Per layer, exactly round(target * size) weights are zero (one element of slack each).
+    assert abs(pruned - target * total) <= len(kernels)
+    assert report["sparsity"] == pytest.approx(pruned / total)
+
+
+def test_2of4_pattern_holds_after_training(tmp_path, teacher_workdir):
+    config = _with_teacher(_small(digits_prune_2of4_w4_kd.get_config(), steps=20), teacher_workdir)
+    train_and_evaluate(config, str(tmp_path))
+    _, state = _params(tmp_path)
+    for name in ("Conv_1", "Dense_0", "Dense_1"):
+        kernel = np.asarray(state["params"][name]["kernel"])
+        groups = np.moveaxis(kernel, -2, -1).reshape(-1, 4)
+        assert np.all(np.sum(groups != 0, axis=-1) <= 2), name

@@ -31,7 +31,9 @@ def _setup(objective_config, weight_rules=(), lr=1e-2):
     objective = Objective.from_config(objective_config)
     tx = optax.sgd(lr)
     state = TrainState.create(params=params, tx=tx, key=jax.random.PRNGKey(2))
-    step = make_train_step(student, objective, tx, teacher=teacher, recipe=QuantRecipe(weight_rules=weight_rules))
+    step = make_train_step(
+        student, objective, tx, teacher=teacher, recipe=QuantRecipe(weight_rules=weight_rules)
+    )
     return student, teacher, teacher_variables, state, step
 
 
