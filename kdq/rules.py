@@ -86,7 +86,8 @@ def match_rules(paths: Sequence[str], rules: Rules, value_type, *, name: str = "
       or the matching rule's value is None).
 
     Raises:
-      ValueError: if no rule matches any path; the message lists the paths.
+      ValueError: if `rules` is not empty and no rule matches any path; the
+        message lists the paths. (An empty rule list selects nothing.)
     """
     compiled = compile_rules(rules, value_type, name=name)
     values, matched_any = [], False

@@ -2,9 +2,16 @@
 
 from kdq.data.arrays import from_arrays
 from kdq.data.augment import Augment, RandomAugment, pad_and_crop
-from kdq.data.catalog import CATALOG, CatalogEntry, DatasetNotPreparedError, prepare_command
-from kdq.data.core import Dataset, Example, ExampleSource, default_data_dir
+from kdq.data.catalog import (
+    CATALOG,
+    CatalogEntry,
+    DatasetNotPreparedError,
+    default_augment,
+    prepare_command,
+)
+from kdq.data.core import Dataset, Example, ExampleSource, check_mean_std, default_data_dir
 from kdq.data.digits import load_digits
+from kdq.data.geometry import resize_and_center_crop, resize_bilinear, sample_inception_box
 from kdq.data.load import load_dataset
 from kdq.data.pipeline import Batch, eval_batches, train_batches
 from kdq.data.sources import ArraySource, TfdsSource, center_crop_and_resize
@@ -22,6 +29,8 @@ __all__ = [
     "RandomAugment",
     "TfdsSource",
     "center_crop_and_resize",
+    "check_mean_std",
+    "default_augment",
     "default_data_dir",
     "eval_batches",
     "from_arrays",
@@ -29,5 +38,8 @@ __all__ = [
     "load_digits",
     "pad_and_crop",
     "prepare_command",
+    "resize_and_center_crop",
+    "resize_bilinear",
+    "sample_inception_box",
     "train_batches",
 ]

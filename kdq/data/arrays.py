@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from kdq.data.core import Dataset
@@ -49,6 +51,8 @@ def from_arrays(
     num_classes: int | None = None,
     name: str = "arrays",
     pixel_scale: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Dataset:
     """Wraps in-memory images and labels as a ``Dataset`` (arrays are not copied).
 
@@ -61,13 +65,17 @@ def from_arrays(
         name: Name of the returned dataset.
         pixel_scale: Value images are divided by to map them to [0, 1]; defaults
             to 255 for uint8 images and 1 for every other dtype.
+        mean: Per-channel mean of the images scaled to [0, 1], kept as
+            ``Dataset.mean``; None (default) for no normalisation.
+        std: Per-channel standard deviation, given exactly when ``mean`` is.
 
     Returns:
         A ``Dataset`` whose sources return the given arrays' rows.
 
     Raises:
         ValueError: On a wrong shape or dtype, NaN or inf pixels, mismatched
-            splits, labels outside [0, num_classes) or a non-positive pixel_scale.
+            splits, labels outside [0, num_classes), a non-positive pixel_scale,
+            or mean and std that are not both None or both valid per channel.
     """
     train_images = _check_images("train", train[0])
     test_images = _check_images("test", test[0])
@@ -102,4 +110,6 @@ def from_arrays(
         num_classes=num_classes,
         image_shape=(height, width, channels),
         pixel_scale=float(pixel_scale),
+        mean=None if mean is None else tuple(map(float, mean)),
+        std=None if std is None else tuple(map(float, std)),
     )

@@ -8,6 +8,7 @@ import grain
 import numpy as np
 
 from kdq.data.core import Example
+from kdq.data.geometry import resize_bilinear, sample_inception_box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,19 +20,26 @@ class Augment:
             window of the original size (0 disables the crop).
         horizontal_flip: Mirror left-right with probability 1/2. Keep it off for
             data whose meaning changes when mirrored, such as digits.
+        inception_crop: Crop a random box (``sample_inception_box``) and resize it
+            bilinearly to the dataset's image size. ``train_batches`` then reads
+            a source's uncropped images from its ``raw`` attribute when it has
+            one (imagenet2012). Excludes ``crop_padding``.
     """
 
     crop_padding: int = 0
     horizontal_flip: bool = False
+    inception_crop: bool = False
 
     def __post_init__(self):
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if self.inception_crop and self.crop_padding > 0:
+            raise ValueError("inception_crop and crop_padding > 0 are two crops; choose one")
 
     @property
     def enabled(self) -> bool:
         """Whether any augmentation is switched on."""
-        return self.crop_padding > 0 or self.horizontal_flip
+        return self.crop_padding > 0 or self.horizontal_flip or self.inception_crop
 
 
 def pad_and_crop(image: np.ndarray, padding: int, top: int, left: int) -> np.ndarray:
@@ -53,17 +61,20 @@ def pad_and_crop(image: np.ndarray, padding: int, top: int, left: int) -> np.nda
 
 
 class RandomAugment(grain.transforms.RandomMap):
-    """Random crop-with-padding, then random horizontal flip, on raw examples.
+    """Random crop (padded or Inception), then random horizontal flip, on raw examples.
 
     Grain seeds ``rng`` from the pipeline seed and the example's position in the
     stream, so the result is deterministic given both.
 
     Args:
         config: Which augmentations to apply.
+        image_size: (height, width) the Inception crop is resized to; None keeps
+            each input image's size.
     """
 
-    def __init__(self, config: Augment):
+    def __init__(self, config: Augment, image_size: tuple[int, int] | None = None):
         self.config = config
+        self.image_size = image_size
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         """Augments one example.
@@ -76,6 +87,10 @@ class RandomAugment(grain.transforms.RandomMap):
             The example with its image augmented; other fields unchanged.
         """
         image = element["image"]
+        if self.config.inception_crop:
+            top, left, height, width = sample_inception_box(rng, *image.shape[:2])
+            box = image[top : top + height, left : left + width]
+            image = resize_bilinear(box, self.image_size or image.shape[:2])
         padding = self.config.crop_padding
         if padding > 0:
             top, left = rng.integers(0, 2 * padding + 1, size=2)

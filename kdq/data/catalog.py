@@ -14,7 +14,9 @@ import textwrap
 
 import tensorflow_datasets as tfds
 
+from kdq.data.augment import Augment
 from kdq.data.core import Dataset, default_data_dir
+from kdq.data.geometry import EVAL_CROP_FRACTION
 from kdq.data.sources import TfdsSource
 
 PIXEL_SCALE = 255.0
@@ -22,30 +24,71 @@ PIXEL_SCALE = 255.0
 
 @dataclasses.dataclass(frozen=True)
 class CatalogEntry:
-    """How kdq reads one TFDS dataset.
+    """How kdq reads one TFDS dataset, and its standard preprocessing.
 
     Attributes:
         train_split: TFDS split used for training.
         test_split: TFDS split used for evaluation.
-        image_size: (height, width) that images are centre-cropped and resized to,
-            for datasets whose images vary in size; None keeps the stored size.
+        image_size: Side of the square that images are resized and centre-cropped
+            to when ``load_dataset`` gets no ``image_size``; None keeps the stored
+            size, which must then be fixed.
+        crop_fraction: Fraction of the resized shorter side that the square keeps
+            (``resize_and_center_crop``).
+        mean: Per-channel mean of the images scaled to [0, 1]; None for none.
+        std: Per-channel standard deviation of the images scaled to [0, 1].
+        augment: Standard training augmentation (``default_augment``).
     """
 
     train_split: str = "train"
     test_split: str = "test"
-    image_size: tuple[int, int] | None = None
+    image_size: int | None = None
+    crop_fraction: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augment: Augment = Augment()
 
 
 CATALOG: dict[str, CatalogEntry] = {
-    "mnist": CatalogEntry(),
-    "fashion_mnist": CatalogEntry(),
-    "cifar10": CatalogEntry(),
-    "cifar100": CatalogEntry(),
-    "imagenet2012": CatalogEntry(test_split="validation", image_size=(224, 224)),
+    "mnist": CatalogEntry(mean=(0.1307,), std=(0.3081,)),
+    "fashion_mnist": CatalogEntry(mean=(0.2860,), std=(0.3530,)),
+    "cifar10": CatalogEntry(
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        augment=Augment(crop_padding=4, horizontal_flip=True),
+    ),
+    "cifar100": CatalogEntry(
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        augment=Augment(crop_padding=4, horizontal_flip=True),
+    ),
+    "imagenet2012": CatalogEntry(
+        test_split="validation",
+        image_size=224,
+        crop_fraction=EVAL_CROP_FRACTION,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        augment=Augment(horizontal_flip=True, inception_crop=True),
+    ),
 }
 
 KNOWN_DATASETS: tuple[str, ...] = ("digits", *CATALOG)
 """Names ``load_dataset`` documents; "digits" is embedded (``kdq.data.digits``)."""
+
+
+def default_augment(name: str) -> Augment:
+    """Returns a dataset's standard training augmentation.
+
+    Args:
+        name: Dataset name as ``load_dataset`` takes it, optionally with a TFDS
+            config or version ("cifar10:3.0.2").
+
+    Returns:
+        cifar10 and cifar100: 4-pixel zero-padded random crop and horizontal
+        flip; imagenet2012: Inception crop and horizontal flip; mnist,
+        fashion_mnist, digits and datasets outside ``CATALOG``: none.
+    """
+    base_name = name.split(":")[0].split("/")[0]
+    return CATALOG.get(base_name, CatalogEntry()).augment
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -115,7 +158,7 @@ def _test_split(builder: tfds.core.DatasetBuilder) -> str:
 
 
 def _image_shape(
-    name: str, builder: tfds.core.DatasetBuilder, entry: CatalogEntry
+    name: str, builder: tfds.core.DatasetBuilder, image_size: int | None
 ) -> tuple[int, int, int]:
     features = builder.info.features
     names = set(features.keys()) if isinstance(features, tfds.features.FeaturesDict) else set()
@@ -128,27 +171,34 @@ def _image_shape(
         shape = (*shape, 1)
     if len(shape) != 3:
         raise ValueError(f"Dataset {name!r}: images have shape {shape}, expected (H, W, C)")
-    if entry.image_size is not None:
-        shape = (*entry.image_size, shape[2])
+    if image_size is not None:
+        shape = (image_size, image_size, shape[2])
     if None in shape:
         raise ValueError(
-            f"Dataset {name!r} has images of varying size {shape}; add a CatalogEntry "
-            "with an image_size to kdq.data.catalog.CATALOG"
+            f"Dataset {name!r} has images of varying size {shape}; pass an image_size "
+            "to load_dataset"
         )
     return shape
 
 
-def load_catalog_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_catalog_dataset(
+    name: str, data_dir: str | None = None, image_size: int | None = None
+) -> Dataset:
     """Opens a prepared TFDS dataset for random access; never downloads.
 
     Args:
         name: TFDS name, optionally with config and version ("cifar10:3.0.2").
         data_dir: Root TFDS data directory; defaults to ``default_data_dir()``.
+        image_size: Side of the square images are resized and centre-cropped to;
+            defaults to the ``CATALOG`` entry's (224 for imagenet2012, whose
+            sources then give the standard evaluation crop and keep the stored
+            images in their ``raw`` attribute), otherwise the stored size.
 
     Returns:
-        A ``Dataset`` with uint8 images and ``pixel_scale`` 255. Splits come from
-        ``CATALOG`` when listed there, otherwise "train" and "test" (or
-        "validation" when there is no "test").
+        A ``Dataset`` with uint8 images, ``pixel_scale`` 255 and, for ``CATALOG``
+        datasets, the standard ``mean`` and ``std``. Splits come from ``CATALOG``
+        when listed there, otherwise "train" and "test" (or "validation" when
+        there is no "test").
 
     Raises:
         ValueError: If TFDS does not know ``name`` or the dataset is not image
@@ -159,7 +209,9 @@ def load_catalog_dataset(name: str, data_dir: str | None = None) -> Dataset:
     data_dir = data_dir or default_data_dir()
     builder = _open_builder(name, data_dir)
     entry = CATALOG.get(builder.name) or CatalogEntry(test_split=_test_split(builder))
-    image_shape = _image_shape(name, builder, entry)
+    if image_size is None:
+        image_size = entry.image_size
+    image_shape = _image_shape(name, builder, image_size)
     try:
         train, test = builder.as_data_source(split=[entry.train_split, entry.test_split])
     except (KeyError, ValueError, NotImplementedError) as err:
@@ -170,9 +222,11 @@ def load_catalog_dataset(name: str, data_dir: str | None = None) -> Dataset:
         raise
     return Dataset(
         name=name,
-        train=TfdsSource(train, image_size=entry.image_size),
-        test=TfdsSource(test, image_size=entry.image_size),
+        train=TfdsSource(train, image_size, entry.crop_fraction),
+        test=TfdsSource(test, image_size, entry.crop_fraction),
         num_classes=builder.info.features["label"].num_classes,
         image_shape=image_shape,
         pixel_scale=PIXEL_SCALE,
+        mean=entry.mean,
+        std=entry.std,
     )

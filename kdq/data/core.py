@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Sequence
 from typing import Protocol, TypedDict
 
 import numpy as np
@@ -25,7 +27,12 @@ class Example(TypedDict):
 
 
 class ExampleSource(Protocol):
-    """A random-access split: ``len(source)`` examples, ``source[i]`` in any order."""
+    """A random-access split: ``len(source)`` examples, ``source[i]`` in any order.
+
+    A source that resizes images of varying size to a fixed one may also have a
+    ``raw`` attribute: a source of the same examples before resizing, which the
+    Inception crop of ``train_batches`` reads instead.
+    """
 
     def __len__(self) -> int: ...
 
@@ -44,6 +51,11 @@ class Dataset:
         image_shape: (H, W, C) of every image in both splits.
         pixel_scale: Largest raw pixel value; images are divided by it to map them
             to [0, 1] (16 for digits, 255 for 8-bit images).
+        mean: Per-channel mean of the images scaled to [0, 1], which the
+            pipelines subtract when passed ``mean=dataset.mean``; None (digits,
+            arrays without statistics) means no normalisation.
+        std: Per-channel standard deviation matching ``mean``, which the
+            pipelines divide by; None exactly when ``mean`` is None.
     """
 
     name: str
@@ -52,6 +64,40 @@ class Dataset:
     num_classes: int
     image_shape: tuple[int, int, int]
     pixel_scale: float
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        check_mean_std(self.mean, self.std, self.image_shape[2])
+
+
+def check_mean_std(
+    mean: Sequence[float] | None, std: Sequence[float] | None, channels: int
+) -> None:
+    """Checks per-channel normalisation statistics.
+
+    Args:
+        mean: Per-channel means, or None for no normalisation.
+        std: Per-channel standard deviations, or None for no normalisation.
+        channels: Number of image channels.
+
+    Raises:
+        ValueError: If only one of mean and std is given, either has a length
+            other than ``channels``, a mean is not finite or a std is not
+            positive and finite.
+    """
+    if mean is None and std is None:
+        return
+    if mean is None or std is None:
+        raise ValueError("mean and std must be given together")
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"mean and std need one value per channel ({channels}), got {len(mean)} and {len(std)}"
+        )
+    if not all(math.isfinite(m) for m in mean):
+        raise ValueError(f"mean must be finite, got {tuple(mean)}")
+    if not all(s > 0 and math.isfinite(s) for s in std):
+        raise ValueError(f"std must be positive and finite, got {tuple(std)}")
 
 
 def default_data_dir() -> str:

@@ -121,23 +121,26 @@ def prepare_digits(data_dir: str) -> DigitsBuilder:
     return builder
 
 
-def load_digits(data_dir: str | None = None) -> Dataset:
+def load_digits(data_dir: str | None = None, image_size: int | None = None) -> Dataset:
     """Loads the embedded digits dataset, building it on first use.
 
     Args:
         data_dir: Root TFDS data directory; defaults to ``default_data_dir()``.
+        image_size: If given, images are resized bilinearly to this square side.
 
     Returns:
-        A ``Dataset`` named "digits": uint8 images of shape (8, 8, 1) with values
-        0..16 (``pixel_scale`` 16), labels 0..9, 1437 train and 360 test examples.
+        A ``Dataset`` named "digits": uint8 images of shape (8, 8, 1) (or the
+        requested size) with values 0..16 (``pixel_scale`` 16), labels 0..9,
+        1437 train and 360 test examples, and no normalisation statistics.
     """
     builder = prepare_digits(data_dir or default_data_dir())
     train, test = builder.as_data_source(split=["train", "test"])
+    image_shape = IMAGE_SHAPE if image_size is None else (image_size, image_size, 1)
     return Dataset(
         name="digits",
-        train=TfdsSource(train),
-        test=TfdsSource(test),
+        train=TfdsSource(train, image_size),
+        test=TfdsSource(test, image_size),
         num_classes=NUM_CLASSES,
-        image_shape=IMAGE_SHAPE,
+        image_shape=image_shape,
         pixel_scale=PIXEL_SCALE,
     )

@@ -7,7 +7,9 @@ from kdq.data.core import Dataset
 from kdq.data.digits import load_digits
 
 
-def load_dataset(name: str, *, data_dir: str | None = None) -> Dataset:
+def load_dataset(
+    name: str, *, data_dir: str | None = None, image_size: int | None = None
+) -> Dataset:
     """Loads a dataset for training and evaluation.
 
     Args:
@@ -17,14 +19,24 @@ def load_dataset(name: str, *, data_dir: str | None = None) -> Dataset:
             array_record files.
         data_dir: Root TFDS data directory; defaults to ``$KDQ_DATA_DIR`` or
             ``~/.cache/kdq/tensorflow_datasets``.
+        image_size: Side of the square images the sources return. imagenet2012
+            defaults to 224 and gets the standard evaluation crop (shorter side
+            resized to ``round(image_size / 0.875)``, centre crop); any other
+            dataset keeps its stored size unless this is given, and is then
+            resized (centre-cropped to a square first if it is not one).
 
     Returns:
-        The ``Dataset`` with random-access train and test sources.
+        The ``Dataset`` with random-access train and test sources and, for
+        mnist, fashion_mnist, cifar10, cifar100 and imagenet2012, the standard
+        per-channel ``mean`` and ``std``.
 
     Raises:
-        ValueError: If the name is unknown or not an image classification dataset.
+        ValueError: If the name is unknown or not an image classification
+            dataset, or image_size is not positive.
         DatasetNotPreparedError: If a TFDS dataset is not prepared in ``data_dir``.
     """
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
     if name == "digits":
-        return load_digits(data_dir)
-    return load_catalog_dataset(name, data_dir)
+        return load_digits(data_dir, image_size)
+    return load_catalog_dataset(name, data_dir, image_size)

@@ -8,20 +8,25 @@ and the remainder (a different one each epoch) is dropped. Example position
 ``(seed, p)``, and so is its augmentation, whose grain generator is seeded from
 ``seed`` and ``p``. Resuming at step ``k`` just starts reading at position
 ``k * batch_size``.
+
+Each example is read (from the source's ``raw`` images when the Inception crop
+is on and the source has them), augmented, divided by the pixel scale into
+[0, 1] and, when ``mean`` and ``std`` are given, normalised per channel as
+``(x - mean) / std``.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from kdq.data.augment import Augment, RandomAugment
-from kdq.data.core import Dataset, Example, ExampleSource
+from kdq.data.core import Dataset, Example, ExampleSource, check_mean_std
 
 Batch = dict[str, np.ndarray]
 
@@ -60,13 +65,28 @@ class _ReadPadded(grain.transforms.Map):
 
 
 class _Normalize(grain.transforms.Map):
-    """Divides pixels by the pixel scale (float32) and casts labels to int32."""
+    """Scales pixels to float32 in [0, 1], optionally standardises them, casts labels.
 
-    def __init__(self, pixel_scale: float):
+    Args:
+        pixel_scale: Divisor mapping raw pixels to [0, 1].
+        mean: Per-channel mean subtracted after scaling, or None.
+        std: Per-channel standard deviation divided by after subtracting ``mean``.
+    """
+
+    def __init__(
+        self,
+        pixel_scale: float,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+    ):
         self._pixel_scale = np.float32(pixel_scale)
+        self._mean = None if mean is None else np.asarray(mean, dtype=np.float32)
+        self._std = None if std is None else np.asarray(std, dtype=np.float32)
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         image = np.asarray(element["image"], dtype=np.float32) / self._pixel_scale
+        if self._mean is not None:
+            image = (image - self._mean) / self._std
         return {**element, "image": image, "label": np.int32(element["label"])}
 
 
@@ -85,6 +105,22 @@ def _resolve(
     return source, float(pixel_scale)
 
 
+def _image_shape(data: Dataset | ExampleSource, source: ExampleSource) -> tuple[int, ...]:
+    if isinstance(data, Dataset):
+        return data.image_shape
+    return source[0]["image"].shape
+
+
+def _check_mean_std(
+    data: Dataset | ExampleSource,
+    source: ExampleSource,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> None:
+    if mean is not None or std is not None:
+        check_mean_std(mean, std, _image_shape(data, source)[2])
+
+
 def _read_options(num_threads: int, batch_size: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size)
 
@@ -97,6 +133,8 @@ def train_batches(
     start_step: int = 0,
     augment: Augment | None = None,
     pixel_scale: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     num_threads: int = 4,
 ) -> Iterator[Batch]:
     """Endless stream of shuffled training batches, resumable at any step.
@@ -107,9 +145,16 @@ def train_batches(
         seed: Non-negative integer fixing the shuffle and augmentation streams.
         start_step: Index of the first batch to yield; the stream equals the
             uninterrupted stream from that batch on, and starting costs nothing.
-        augment: Augmentations to apply to raw images; None applies none.
+        augment: Augmentations to apply to raw images; None applies none
+            (``default_augment(name)`` gives a dataset's standard one). With
+            the Inception crop, images are read from the source's ``raw``
+            attribute when it has one and cropped to the source's image size.
         pixel_scale: Divisor mapping raw pixels to [0, 1]; defaults to the
             Dataset's and is required for a bare source.
+        mean: Per-channel mean subtracted from the pixels scaled to [0, 1]
+            (pass ``dataset.mean``); None with std None skips normalisation.
+        std: Per-channel standard deviation the centred pixels are divided by
+            (pass ``dataset.std``); given exactly when mean is.
         num_threads: grain reader threads (0 reads in the calling thread).
 
     Returns:
@@ -119,7 +164,8 @@ def train_batches(
 
     Raises:
         ValueError: If batch_size is not in [1, split size], seed or start_step
-            is negative, or pixel_scale is missing or not positive.
+            is negative, pixel_scale is missing or not positive, or mean and std
+            are not both None or both valid per channel.
     """
     source, pixel_scale = _resolve(data, pixel_scale, "train")
     num_examples = len(source)
@@ -131,13 +177,18 @@ def train_batches(
         raise ValueError(f"seed must be non-negative, got {seed}")
     if start_step < 0:
         raise ValueError(f"start_step must be non-negative, got {start_step}")
+    _check_mean_std(data, source, mean, std)
     examples_per_epoch = num_examples // batch_size * batch_size
+    read, image_size = source, None
+    if augment is not None and augment.inception_crop:
+        read = getattr(source, "raw", source)
+        image_size = _image_shape(data, source)[:2]
     examples = grain.MapDataset.range(sys.maxsize).map(
-        _ReadShuffled(source, examples_per_epoch, seed)
+        _ReadShuffled(read, examples_per_epoch, seed)
     )
     if augment is not None and augment.enabled:
-        examples = examples.random_map(RandomAugment(augment), seed=seed)
-    examples = examples[start_step * batch_size :].map(_Normalize(pixel_scale))
+        examples = examples.random_map(RandomAugment(augment, image_size), seed=seed)
+    examples = examples[start_step * batch_size :].map(_Normalize(pixel_scale, mean, std))
     batches = examples.to_iter_dataset(_read_options(num_threads, batch_size)).batch(batch_size)
     return iter(batches)
 
@@ -147,6 +198,8 @@ def eval_batches(
     *,
     batch_size: int,
     pixel_scale: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     num_threads: int = 4,
 ) -> Iterator[Batch]:
     """One ordered pass over a split in equally shaped, masked batches.
@@ -156,25 +209,32 @@ def eval_batches(
         batch_size: Examples per batch.
         pixel_scale: Divisor mapping raw pixels to [0, 1]; defaults to the
             Dataset's and is required for a bare source.
+        mean: Per-channel mean subtracted from the pixels scaled to [0, 1]
+            (pass ``dataset.mean``); None with std None skips normalisation.
+        std: Per-channel standard deviation the centred pixels are divided by
+            (pass ``dataset.std``); given exactly when mean is.
         num_threads: grain reader threads (0 reads in the calling thread).
 
     Returns:
         An iterator of ``ceil(n / batch_size)`` dicts with "image": float32
         (B, H, W, C), "label": int32 (B,) and "mask": bool (B,). The last batch
-        is padded with zero images and label 0 whose mask is False.
+        is padded with zero raw images (normalised like the others) and label 0
+        whose mask is False.
 
     Raises:
-        ValueError: If batch_size is not positive or pixel_scale is missing or
-            not positive.
+        ValueError: If batch_size is not positive, pixel_scale is missing or not
+            positive, or mean and std are not both None or both valid per
+            channel.
     """
     source, pixel_scale = _resolve(data, pixel_scale, "test")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_mean_std(data, source, mean, std)
     num_batches = -(-len(source) // batch_size)
     examples = (
         grain.MapDataset.range(num_batches * batch_size)
         .map(_ReadPadded(source))
-        .map(_Normalize(pixel_scale))
+        .map(_Normalize(pixel_scale, mean, std))
     )
     batches = examples.to_iter_dataset(_read_options(num_threads, batch_size)).batch(batch_size)
     return iter(batches)

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from kdq.data.core import Example
+from kdq.data.geometry import resize_and_center_crop
 
 
 class ArraySource:
@@ -61,17 +62,30 @@ class TfdsSource:
     Args:
         records: A TFDS data source (``tfds.data_source`` / ``as_data_source``)
             whose items are dicts with "image" and "label".
-        image_size: If given, every image is centre-cropped to a square and resized
-            to this (height, width), for datasets whose images vary in size.
+        image_size: If given, every image is resized and centre-cropped to
+            ``image_size`` x ``image_size`` by ``resize_and_center_crop``, for
+            datasets whose images vary in size or are wanted at another size.
+        crop_fraction: Fraction of the resized shorter side the square keeps
+            (0.875 is the standard ImageNet evaluation crop); used with
+            ``image_size`` only.
     """
 
     def __init__(
         self,
         records: Sequence[Mapping[str, Any]],
-        image_size: tuple[int, int] | None = None,
+        image_size: int | None = None,
+        crop_fraction: float = 1.0,
     ):
+        if not 0 < crop_fraction <= 1:
+            raise ValueError(f"crop_fraction must lie in (0, 1], got {crop_fraction}")
         self._records = records
         self._image_size = image_size
+        self._crop_fraction = crop_fraction
+
+    @property
+    def raw(self) -> TfdsSource:
+        """The same examples with images at their stored size."""
+        return TfdsSource(self._records)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -82,5 +96,5 @@ class TfdsSource:
         if image.ndim == 2:
             image = image[..., None]
         if self._image_size is not None:
-            image = center_crop_and_resize(image, self._image_size)
+            image = resize_and_center_crop(image, self._image_size, self._crop_fraction)
         return {"image": image, "label": int(record["label"])}

@@ -15,6 +15,9 @@ Edge cases, by design:
   * A group whose range is zero (all-zero or constant-zero) or too small to
     give a normal float32 scale gets scale 1.0: finite, non-zero, and every
     value quantizes to the zero point.
+  * The public functions validate their arguments in Python and run one
+    jitted computation, so results are bitwise the same called eagerly or
+    inside an outer `jit`.
   * Non-finite input (NaN, +-inf) has no quantized value. Outside `jit`,
     `calibrate`, `quantize` and `fake_quant` raise `ValueError`. Under `jit`
     (where values cannot be inspected) the scale of every group containing a
@@ -23,6 +26,8 @@ Edge cases, by design:
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -122,14 +127,25 @@ def _as_float(x: ArrayLike) -> jax.Array:
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
 
 
+def _runtime_constant(value: float) -> jax.Array:
+    """A float32 constant that XLA cannot fold into the expression using it."""
+    return jax.lax.optimization_barrier(jnp.float32(value))
+
+
 def _scale_and_zero_point(
     lo: jax.Array, hi: jax.Array, spec: QuantSpec
 ) -> tuple[jax.Array, jax.Array | None]:
     """Scale and zero point for the range [lo, hi] (lo <= 0 <= hi)."""
+    # The barrier keeps XLA from turning the division by a constant into a
+    # multiplication by its (inexact) reciprocal: s is the IEEE quotient.
     if spec.symmetric:
-        scale = hi / spec.qmax
+        scale = hi / _runtime_constant(spec.qmax)
     else:
-        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        levels = _runtime_constant(spec.qmax - spec.qmin)
+        width = hi - lo
+        # A finite range wider than float32 (e.g. [-3e38, 3e38]) overflows hi - lo.
+        overflow = jnp.isinf(width) & jnp.isfinite(lo) & jnp.isfinite(hi)
+        scale = jnp.where(overflow, hi / levels - lo / levels, width / levels)
     scale = jnp.where(scale < _SMALLEST_SCALE, 1.0, scale)
     if spec.symmetric:
         return scale, None
@@ -145,7 +161,7 @@ def _quantize_values(
     noise: jax.Array | None = None,
 ) -> jax.Array:
     """Integer values (still float32) of x for a full-size scale/zero point."""
-    v = x / scale
+    v = x / jax.lax.optimization_barrier(scale)
     v = jnp.round(v) if noise is None else jnp.floor(v + noise)
     if zero_point is not None:
         v = v + zero_point
@@ -166,8 +182,8 @@ def _range(x: jax.Array, spec: QuantSpec, target: tuple[int, ...]) -> tuple[jax.
         hi = _reduce(jnp.abs(x), target, jnp.max)
         lo = -hi
     elif method == "percentile":
-        lo = _reduce(x, target, jnp.percentile, q=100.0 - p)
-        hi = _reduce(x, target, jnp.percentile, q=p)
+        lo = _reduce(x, target, jnp.percentile, q=min(p, 100.0 - p))
+        hi = _reduce(x, target, jnp.percentile, q=max(p, 100.0 - p))
     else:
         lo = _reduce(x, target, jnp.min)
         hi = _reduce(x, target, jnp.max)
@@ -179,8 +195,14 @@ def _mse_clip_ratio(
 ) -> jax.Array:
     """Per group, the ratio r minimising sum((fq(x; r * [lo, hi]) - x)^2).
 
-    Ratios are 0.01, 0.02, ..., 1.00; the smallest minimiser wins ties.
+    Ratios are 0.01, 0.02, ..., 1.00; the smallest minimiser wins ties. The
+    search runs on x / max(|lo|, |hi|), so squared errors neither underflow
+    nor overflow whatever the magnitude of x.
     """
+    magnitude = jnp.maximum(-lo, hi)
+    magnitude = jnp.where((magnitude > 0) & jnp.isfinite(magnitude), magnitude, 1.0)
+    x = x / _expand(magnitude, x.shape)
+    lo, hi = lo / magnitude, hi / magnitude
 
     def try_ratio(best, ratio):
         best_error, best_ratio = best
@@ -223,6 +245,21 @@ def _poison_non_finite(x: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.where(finite, scale, jnp.nan)
 
 
+@partial(jax.jit, static_argnums=1)
+def _calibrate(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    target = scale_shape(x.shape, spec)
+    lo, hi = _range(x, spec, target)
+    if spec.calibration_method == "mse":
+        ratio = _mse_clip_ratio(x, lo, hi, spec, target)
+        lo, hi = lo * ratio, hi * ratio
+    scale, zero_point = _scale_and_zero_point(lo, hi, spec)
+    scale = _poison_non_finite(x, scale)
+    if zero_point is not None:
+        zero_point = zero_point.astype(spec.dtype)
+    return scale, zero_point
+
+
 def calibrate(x: ArrayLike, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
     """Chooses the scale and zero point of `spec` for the values of `x`.
 
@@ -237,30 +274,22 @@ def calibrate(x: ArrayLike, spec: QuantSpec) -> tuple[jax.Array, jax.Array | Non
     """
     x = _as_float(x)
     _check_finite_if_concrete(x, "x")
-    x = jax.lax.stop_gradient(x).astype(jnp.float32)
-    target = scale_shape(x.shape, spec)
-    lo, hi = _range(x, spec, target)
-    if spec.calibration_method == "mse":
-        ratio = _mse_clip_ratio(x, lo, hi, spec, target)
-        lo, hi = lo * ratio, hi * ratio
-    scale, zero_point = _scale_and_zero_point(lo, hi, spec)
-    scale = _poison_non_finite(x, scale)
-    if zero_point is not None:
-        zero_point = zero_point.astype(spec.dtype)
-    return scale, zero_point
+    scale_shape(x.shape, spec)
+    return _calibrate(x, spec)
 
 
 def _check_given_range(
     x: jax.Array, spec: QuantSpec, scale: ArrayLike, zero_point: ArrayLike | None
 ) -> tuple[jax.Array, jax.Array | None]:
     scale = jnp.asarray(scale, jnp.float32)
+    given_shape = scale.shape
     if scale.ndim < x.ndim:
         scale = scale.reshape((1,) * (x.ndim - scale.ndim) + scale.shape)
     if scale.ndim != x.ndim or any(
         d != 1 and n % d for d, n in zip(scale.shape, x.shape, strict=True)
     ):
         raise ValueError(
-            f"scale of shape {tuple(jnp.shape(scale))} does not broadcast to x of shape "
+            f"scale of shape {given_shape} does not broadcast to x of shape "
             f"{x.shape}: each axis must be 1, the axis size, or a divisor of it (groups)"
         )
     if spec.symmetric:
@@ -271,6 +300,34 @@ def _check_given_range(
         raise ValueError("zero_point is required with scale for an affine spec (symmetric=False)")
     zero_point = jnp.broadcast_to(jnp.asarray(zero_point), scale.shape)
     return scale, zero_point.astype(spec.dtype)
+
+
+def _check_quantize_args(x, spec, scale, zero_point, key):
+    """Validates quantize's arguments; returns the given range in canonical form."""
+    _check_finite_if_concrete(x, "x")
+    if spec.rounding == "stochastic" and key is None:
+        raise ValueError("key is required when rounding='stochastic'; pass key=jax.random.key(...)")
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point was given without scale; give both or neither")
+        scale_shape(x.shape, spec)
+        return None, None
+    return _check_given_range(x, spec, scale, zero_point)
+
+
+@partial(jax.jit, static_argnums=1)
+def _quantize(x, spec, scale, zero_point, key) -> QArray:
+    if scale is None:
+        scale, zero_point = _calibrate(x, spec)
+    else:
+        scale = _poison_non_finite(jax.lax.stop_gradient(x), scale)
+    scale = jax.lax.stop_gradient(scale)
+    noise = None
+    if spec.rounding == "stochastic":
+        noise = jax.random.uniform(key, x.shape, jnp.float32)
+    full_zero = None if zero_point is None else _expand(zero_point, x.shape).astype(jnp.float32)
+    q = _quantize_values(x.astype(jnp.float32), _expand(scale, x.shape), full_zero, spec, noise)
+    return QArray(qvalue=q.astype(spec.dtype), scale=scale, zero_point=zero_point, spec=spec)
 
 
 def quantize(
@@ -296,24 +353,16 @@ def quantize(
       A `QArray` with q = clip(round(x / s) + z, qmin, qmax).
     """
     x = _as_float(x)
-    _check_finite_if_concrete(x, "x")
-    if spec.rounding == "stochastic" and key is None:
-        raise ValueError("key is required when rounding='stochastic'; pass key=jax.random.key(...)")
-    if scale is None:
-        if zero_point is not None:
-            raise ValueError("zero_point was given without scale; give both or neither")
-        scale, zero_point = calibrate(x, spec)
-    else:
-        scale, zero_point = _check_given_range(x, spec, scale, zero_point)
-        scale = _poison_non_finite(jax.lax.stop_gradient(x), scale)
-    scale = jax.lax.stop_gradient(scale)
-    x32 = x.astype(jnp.float32)
-    noise = None
-    if spec.rounding == "stochastic":
-        noise = jax.random.uniform(key, x.shape, jnp.float32)
-    full_zero = None if zero_point is None else _expand(zero_point, x.shape).astype(jnp.float32)
-    q = _quantize_values(x32, _expand(scale, x.shape), full_zero, spec, noise)
-    return QArray(qvalue=q.astype(spec.dtype), scale=scale, zero_point=zero_point, spec=spec)
+    scale, zero_point = _check_quantize_args(x, spec, scale, zero_point, key)
+    return _quantize(x, spec, scale, zero_point, key)
+
+
+@jax.jit
+def _dequantize(q: QArray) -> jax.Array:
+    values = q.qvalue.astype(jnp.float32)
+    if q.zero_point is not None:
+        values = values - _expand(q.zero_point, q.shape).astype(jnp.float32)
+    return values * _expand(q.scale, q.shape)
 
 
 def dequantize(q: QArray) -> jax.Array:
@@ -325,10 +374,17 @@ def dequantize(q: QArray) -> jax.Array:
     Returns:
       float32 array of shape q.shape.
     """
-    values = q.qvalue.astype(jnp.float32)
-    if q.zero_point is not None:
-        values = values - _expand(q.zero_point, q.shape).astype(jnp.float32)
-    return values * _expand(q.scale, q.shape)
+    return _dequantize(q)
+
+
+@partial(jax.jit, static_argnums=1)
+def _fake_quant(x, spec, scale, zero_point, key) -> jax.Array:
+    q = _quantize(x, spec, scale, zero_point, key)
+    full_scale = _expand(q.scale, x.shape)
+    zero = 0.0 if q.zero_point is None else _expand(q.zero_point, x.shape).astype(jnp.float32)
+    lower = (spec.qmin - zero) * full_scale
+    upper = (spec.qmax - zero) * full_scale
+    return clipped_straight_through(x, _dequantize(q).astype(x.dtype), lower, upper)
 
 
 def fake_quant(
@@ -355,9 +411,5 @@ def fake_quant(
       x_hat, same shape and dtype as x.
     """
     x = _as_float(x)
-    q = quantize(x, spec, scale=scale, zero_point=zero_point, key=key)
-    full_scale = _expand(q.scale, x.shape)
-    zero = 0.0 if q.zero_point is None else _expand(q.zero_point, x.shape).astype(jnp.float32)
-    lower = (spec.qmin - zero) * full_scale
-    upper = (spec.qmax - zero) * full_scale
-    return clipped_straight_through(x, dequantize(q).astype(x.dtype), lower, upper)
+    scale, zero_point = _check_quantize_args(x, spec, scale, zero_point, key)
+    return _fake_quant(x, spec, scale, zero_point, key)

@@ -48,9 +48,10 @@ class QuantSpec:
       calibration: how the range is chosen from the data:
         "absmax" (max |x|, or [-max|x|, max|x|] when affine), "minmax"
         ([min x, max x]), "percentile,<p>" (p-th percentile of |x|, or the
-        [100-p, p] percentiles when affine, 0 < p <= 100), "mse" (the clipping
-        ratio r in {0.01, 0.02, ..., 1.00} of the minmax range minimising the
-        squared reconstruction error, per scale group).
+        [min(p, 100-p), max(p, 100-p)] percentiles when affine, 0 < p <= 100), "mse" (the clipping
+        ratio r in {0.01, 0.02, ..., 1.00} of the full range (max |x| when
+        symmetric, [min x, max x] when affine) minimising the squared
+        reconstruction error, per scale group).
       rounding: "nearest" (round half to even) or "stochastic"
         (floor(x / s + u), u ~ U[0, 1): unbiased; needs a PRNG key).
     """

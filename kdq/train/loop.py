@@ -396,8 +396,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     report = {
         "model": config.model.name,
         "params": count_params(state.params),
-        "weight_bits": weight_specs[0].bits if weight_specs else 32,
-        "act_bits": act_specs[0].bits if act_specs else 32,
+        # The narrowest width in the recipe (edge layers may be wider).
+        "weight_bits": min((spec.bits for spec in weight_specs), default=32),
+        "act_bits": min((spec.bits for spec in act_specs), default=32),
         "seed": config.seed,
         "steps": int(state.step),
         "test_accuracy": test["accuracy"],

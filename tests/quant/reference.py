@@ -94,8 +94,9 @@ def group_range(
         hi = np.abs(values).max()
         lo = -hi
     elif method == "percentile":
-        lo = F32(np.percentile(values, 100.0 - p, method="linear"))
-        hi = F32(np.percentile(values, p, method="linear"))
+        # The lower bound is the smaller of the two percentiles p and 100 - p.
+        lo = F32(np.percentile(values, min(p, 100.0 - p), method="linear"))
+        hi = F32(np.percentile(values, max(p, 100.0 - p), method="linear"))
     else:  # "minmax", and "mse" (which searches fractions of the minmax range)
         lo, hi = values.min(), values.max()
     return F32(min(lo, F32(0))), F32(max(hi, F32(0)))
