@@ -102,45 +102,31 @@ class StateCheckpoints:
         self._manager.close()
 
 
-def _export_tree(tree: Any) -> Any:
-    """Replaces each QArray by a dict of its integer/scale leaves (no None)."""
-
-    def convert(leaf):
-        if not isinstance(leaf, QArray):
-            return leaf
-        fields = {"qvalue": leaf.qvalue, "scale": leaf.scale}
-        if leaf.zero_point is not None:
-            fields["zero_point"] = leaf.zero_point
-        return fields
-
-    return jax.tree_util.tree_map(convert, tree, is_leaf=lambda x: isinstance(x, QArray))
-
-
-def export_model(workdir: str | os.PathLike, params: Any, metadata: dict[str, Any]) -> int:
-    """Writes `params` (arrays and/or QArrays) to `workdir/model` and the recipe.
+def export_model(workdir: str | os.PathLike, variables: Any, metadata: dict[str, Any]) -> int:
+    """Writes float `variables` to `workdir/model` and `metadata` to `workdir/model.json`.
 
     Args:
       workdir: the run directory.
-      params: the inference params; quantized weights as `QArray`s.
+      variables: the inference variables: {"params": ..., other collections}.
       metadata: JSON-serialisable recipe (model, rules, bits, kdq version).
 
     Returns:
-      Bytes on disk of the exported params.
+      Bytes on disk of the exported variables.
     """
     path = os.path.join(os.path.abspath(workdir), "model")
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, _export_tree(params), force=True)
+        checkpointer.save(path, variables, force=True)
     with open(os.path.join(workdir, "model.json"), "w") as f:
         json.dump(metadata, f, indent=2, sort_keys=True)
     return directory_bytes(path)
 
 
-def load_float_params(workdir: str | os.PathLike, template: Any) -> Any:
-    """Restores float params exported by `export_model` into the shape of `template`.
+def load_float_variables(workdir: str | os.PathLike, template: Any) -> Any:
+    """Restores float variables exported by `export_model` into the shape of `template`.
 
     Args:
       workdir: the run directory of the model (e.g. a teacher's run).
-      template: params of the same model (arrays or ShapeDtypeStructs).
+      template: variables of the same model (arrays or ShapeDtypeStructs).
 
     Raises:
       FileNotFoundError: no export in `workdir`; says how to make one.
@@ -252,7 +238,11 @@ def save_quantized(
         "layout": params_layout,
         "extra": metadata or {},
     }
-    tree = {"params": params, "act_scales": jax.tree_util.tree_map(np.asarray, qmodel.act_scales)}
+    tree = {
+        "params": params,
+        "act_scales": jax.tree_util.tree_map(np.asarray, qmodel.act_scales),
+        "model_state": jax.tree_util.tree_map(np.asarray, qmodel.model_state),
+    }
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(
             directory,
@@ -306,5 +296,9 @@ def restore_quantized(
             f"the checkpoint at {directory} was made with a different recipe:\n"
             f"  saved:    {recipe.to_json()}\n  expected: {expected_recipe.to_json()}"
         )
-    act_scales = jax.tree_util.tree_map(jnp.asarray, arrays.get("act_scales", {}) or {})
-    return QuantizedModel(params=params, act_scales=act_scales, recipe=recipe), metadata["extra"]
+    act_scales = jax.tree_util.tree_map(jnp.asarray, arrays.get("act_scales") or {})
+    model_state = jax.tree_util.tree_map(jnp.asarray, arrays.get("model_state") or {})
+    qmodel = QuantizedModel(
+        params=params, act_scales=act_scales, recipe=recipe, model_state=model_state
+    )
+    return qmodel, metadata["extra"]

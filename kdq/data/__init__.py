@@ -14,7 +14,7 @@ from kdq.data.digits import load_digits
 from kdq.data.geometry import resize_and_center_crop, resize_bilinear, sample_inception_box
 from kdq.data.load import load_dataset
 from kdq.data.pipeline import Batch, eval_batches, train_batches
-from kdq.data.sources import ArraySource, TfdsSource, center_crop_and_resize
+from kdq.data.sources import ArraySource, TfdsSource
 
 __all__ = [
     "CATALOG",
@@ -28,7 +28,6 @@ __all__ = [
     "ExampleSource",
     "RandomAugment",
     "TfdsSource",
-    "center_crop_and_resize",
     "check_mean_std",
     "default_augment",
     "default_data_dir",

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from kdq.data.core import Example
 from kdq.data.geometry import resize_and_center_crop
@@ -31,26 +30,6 @@ class ArraySource:
 
     def __getitem__(self, index: int) -> Example:
         return {"image": self._images[index], "label": int(self._labels[index])}
-
-
-def center_crop_and_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Crops the largest centred square from an image and resizes it bilinearly.
-
-    Args:
-        image: uint8 array of shape (H, W, C) with C in {1, 3}.
-        size: Output (height, width).
-
-    Returns:
-        uint8 array of shape (size[0], size[1], C).
-    """
-    height, width, channels = image.shape
-    side = min(height, width)
-    top = (height - side) // 2
-    left = (width - side) // 2
-    square = image[top : top + side, left : left + side]
-    pil = Image.fromarray(square[..., 0] if channels == 1 else square)
-    resized = np.asarray(pil.resize((size[1], size[0]), Image.Resampling.BILINEAR))
-    return resized.reshape(size[0], size[1], channels)
 
 
 class TfdsSource:

@@ -65,11 +65,14 @@ class QuantizedModel:
       act_scales: {module path...: {"scale": s}} nested by module path; empty
         when activations are float or quantized dynamically.
       recipe: the recipe (static).
+      model_state: the model's other variable collections (e.g. BatchNorm
+        statistics, applied in float after the integer conv), {} if none.
     """
 
     params: Any
     act_scales: Any
     recipe: QuantRecipe = struct.field(pytree_node=False)
+    model_state: Any = struct.field(default_factory=dict)
 
 
 def _act_scales(quant_params: Any, recipe: QuantRecipe) -> Any:
@@ -91,7 +94,7 @@ def _act_scales(quant_params: Any, recipe: QuantRecipe) -> Any:
 
 
 def to_quantized_model(
-    params: Any, recipe: QuantRecipe, quant_params: Any = None
+    params: Any, recipe: QuantRecipe, quant_params: Any = None, *, model_state: Any = None
 ) -> QuantizedModel:
     """Converts float params + quantizer state into a `QuantizedModel`.
 
@@ -104,6 +107,7 @@ def to_quantized_model(
       params: float params.
       recipe: the quantization recipe.
       quant_params: quantizer state from `init_quant_params` / training.
+      model_state: the model's non-param collections (BatchNorm statistics).
 
     Returns:
       The `QuantizedModel`.
@@ -122,6 +126,7 @@ def to_quantized_model(
         params=flax.traverse_util.unflatten_dict(flat, sep="/"),
         act_scales=_act_scales(quant_params, recipe) if recipe.act_mode != "dynamic" else {},
         recipe=recipe,
+        model_state=dict(model_state or {}),
     )
 
 
@@ -161,7 +166,9 @@ def fake_quant_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **k
         return next_fun(x_hat, *args[1:], **call_kwargs)
 
     with nn.intercept_methods(interceptor):
-        return model.apply({"params": _dequantized(qmodel.params)}, x, **kwargs)
+        return model.apply(
+            {"params": _dequantized(qmodel.params), **qmodel.model_state}, x, **kwargs
+        )
 
 
 def _operand_dtype(*specs: QuantSpec) -> jnp.dtype:
@@ -185,10 +192,12 @@ def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kern
         module.axis not in (-1, (-1,)) or module.batch_dims
     ):
         problem = "DenseGeneral contracting other axes than the last"
-    elif isinstance(module, nn.Conv) and (
-        not isinstance(module.padding, str) or module.padding.upper() not in ("SAME", "VALID")
+    elif (
+        isinstance(module, nn.Conv)
+        and isinstance(module.padding, str)
+        and (module.padding.upper() not in ("SAME", "VALID"))
     ):
-        problem = f"Conv padding {module.padding!r} (only 'SAME' and 'VALID')"
+        problem = f"Conv padding {module.padding!r} (only 'SAME', 'VALID' or explicit)"
     elif not isinstance(module, SUPPORTED_MODULES):
         problem = f"{type(module).__name__} modules"
     if problem:
@@ -196,6 +205,15 @@ def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kern
             f"the integer path does not support {problem} (module {path!r}); "
             "use fake_quant_apply, or change the recipe"
         )
+
+
+def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
+    """Linen Conv padding ('SAME', 'VALID', int, or (low, high) pairs) in lax's form."""
+    if isinstance(padding, str):
+        return padding.upper()
+    if isinstance(padding, int):
+        return [(padding, padding)] * spatial
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
 
 
 def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: jax.Array, act_spec):
@@ -220,7 +238,7 @@ def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: ja
             q_x,
             q_w,
             window_strides=strides,
-            padding=module.padding.upper(),
+            padding=_conv_padding(module.padding, spatial),
             lhs_dilation=dilation(module.input_dilation),
             rhs_dilation=dilation(module.kernel_dilation),
             dimension_numbers=numbers,
@@ -263,16 +281,14 @@ def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwar
     params = flax.traverse_util.unflatten_dict(params, sep="/")
 
     def interceptor(next_fun, args, call_kwargs, context):
-        if context.method_name != "__call__" or not args:
+        if not _is_module_call(context) or not args:
             return next_fun(*args, **call_kwargs)
         path = module_path(context.module)
-        _, spec = _match(path, compiled) if path else (None, None)
+        _, spec = _match(path, compiled)
         if spec is None:
             return next_fun(*args, **call_kwargs)
         scale, zero_point = _input_scale(qmodel, path, args[0], spec)
         if path not in integer_modules:
-            if not isinstance(context.module, SUPPORTED_MODULES):
-                return next_fun(*args, **call_kwargs)
             x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
             return next_fun(x_hat, *args[1:], **call_kwargs)
         kernel = context.module.get_variable("params", "kernel")
@@ -280,4 +296,4 @@ def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwar
         return _integer_module(context.module, args[0], kernel, scale, spec)
 
     with nn.intercept_methods(interceptor):
-        return model.apply({"params": params}, x, **kwargs)
+        return model.apply({"params": params, **qmodel.model_state}, x, **kwargs)

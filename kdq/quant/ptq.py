@@ -48,4 +48,5 @@ def ptq(
     quant_params = init_quant_params(
         model, variables, recipe, batches, act_method=act_method, **apply_kwargs
     )
-    return to_quantized_model(variables["params"], recipe, quant_params)
+    model_state = {name: value for name, value in variables.items() if name != "params"}
+    return to_quantized_model(variables["params"], recipe, quant_params, model_state=model_state)

@@ -87,7 +87,15 @@ def default_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.num_steps = 600
     config.eval_batch_size = 256
-    config.augment = ml_collections.ConfigDict({"crop_padding": 0, "horizontal_flip": False})
+    # Image side for datasets resized on load (0: the dataset's own, 224 for
+    # imagenet2012); per-channel mean/std normalisation of catalog datasets.
+    config.image_size = 0
+    config.normalize = False
+    # standard=True: the dataset's usual training augmentation (CIFAR crop +
+    # flip, ImageNet Inception crop + flip) instead of the fields below.
+    config.augment = ml_collections.ConfigDict(
+        {"standard": False, "crop_padding": 0, "horizontal_flip": False, "inception_crop": False}
+    )
 
     config.log_every = 50
     config.checkpoint_every = 200

@@ -25,7 +25,14 @@ import tensorboardX
 import tqdm
 
 from kdq import checkpoint
-from kdq.data import Augment, Dataset, eval_batches, load_dataset, train_batches
+from kdq.data import (
+    Augment,
+    Dataset,
+    default_augment,
+    eval_batches,
+    load_dataset,
+    train_batches,
+)
 from kdq.distill.objective import Objective
 from kdq.distill.taps import apply_with_taps
 from kdq.models import count_params, create_model
@@ -127,16 +134,15 @@ def load_teacher(config: ml_collections.ConfigDict, dataset: Dataset):
         teacher_config.name, num_classes=dataset.num_classes, **teacher_config.options
     )
     dummy = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-    template = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), dummy)["params"]
-    params = checkpoint.load_float_params(teacher_config.workdir, template)
-    return teacher, {"params": params}
+    template = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), dummy)
+    return teacher, checkpoint.load_float_variables(teacher_config.workdir, template)
 
 
 def _calibration_images(dataset: Dataset, config: ml_collections.ConfigDict) -> list[np.ndarray]:
     """The first `calibration_batches` train batches, in storage order."""
     images = []
     for batch in eval_batches(
-        dataset.train, batch_size=config.batch_size, pixel_scale=dataset.pixel_scale
+        dataset.train, batch_size=config.batch_size, **pixel_options(dataset, config)
     ):
         images.append(batch["image"][batch["mask"]])
         if len(images) == config.quant.calibration_batches:
@@ -148,14 +154,15 @@ def _init_state(config, student, teacher, teacher_variables, objective, recipe, 
     key = jax.random.PRNGKey(config.seed)
     init_key, distill_key, run_key = jax.random.split(key, 3)
     dummy = jnp.zeros((config.batch_size, *dataset.image_shape), jnp.float32)
-    params = student.init(init_key, dummy)["params"]
+    variables = dict(student.init(init_key, dummy))
     if config.init_from:
-        params = checkpoint.load_float_params(config.init_from, params)
+        variables = checkpoint.load_float_variables(config.init_from, variables)
+    params = variables.pop("params")
     quant_params = None
     if recipe.quantizes_weights or recipe.quantizes_activations:
         quant_params = init_quant_params(
             student,
-            {"params": params},
+            {"params": params, **variables},
             recipe,
             _calibration_images(dataset, config),
             act_method=config.quant.act_calibration,
@@ -179,13 +186,25 @@ def _init_state(config, student, teacher, teacher_variables, objective, recipe, 
         key=run_key,
         quant_params=quant_params,
         distill_params=distill_params,
+        model_state=variables,
     )
 
 
-def evaluate(eval_fn, *args: Any, source, batch_size: int, pixel_scale: float) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of `eval_fn(*args, batch)` over one pass of `source`."""
+def pixel_options(dataset: Dataset, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """How images are scaled (and normalised, when config.normalize) by the pipelines."""
+    options = {"pixel_scale": dataset.pixel_scale}
+    if config.normalize:
+        options.update(mean=dataset.mean, std=dataset.std)
+    return options
+
+
+def evaluate(eval_fn, *args: Any, source, batch_size: int, **pixels: Any) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of `eval_fn(*args, batch)` over one pass of `source`.
+
+    `pixels` are the image options of `pixel_options`.
+    """
     totals = {"correct": 0, "count": 0, "loss_sum": 0.0}
-    for batch in eval_batches(source, batch_size=batch_size, pixel_scale=pixel_scale):
+    for batch in eval_batches(source, batch_size=batch_size, **pixels):
         for name, value in jax.device_get(eval_fn(*args, batch)).items():
             totals[name] += value
     count = max(int(totals["count"]), 1)
@@ -210,6 +229,14 @@ class _MetricWriter:
         self._jsonl.close()
 
 
+def _augment(config: ml_collections.ConfigDict) -> Augment:
+    """The dataset's standard training augmentation, or the one the config spells out."""
+    options = config.augment.to_dict()
+    if options.pop("standard"):
+        return default_augment(config.dataset)
+    return Augment(**options)
+
+
 def _train(config, workdir, state, train_step, teacher_variables, dataset, checkpoints):
     """Runs the steps after `state.step` up to config.num_steps; returns the final state."""
     start_step = int(state.step)
@@ -218,8 +245,8 @@ def _train(config, workdir, state, train_step, teacher_variables, dataset, check
         batch_size=config.batch_size,
         seed=config.seed,
         start_step=start_step,
-        augment=Augment(**config.augment.to_dict()),
-        pixel_scale=dataset.pixel_scale,
+        augment=_augment(config),
+        **pixel_options(dataset, config),
     )
     writer = _MetricWriter(workdir)
     progress = tqdm.tqdm(
@@ -277,8 +304,10 @@ def _export(config, workdir, student, state, recipe, dataset) -> dict[str, Any]:
     """Writes the inference model; returns its report fields."""
     model_info = {"model": config.model.name, "model_options": config.model.options.to_dict()}
     if not (recipe.quantizes_weights or recipe.quantizes_activations):
-        return {"checkpoint_bytes": checkpoint.export_model(workdir, state.params, model_info)}
-    qmodel = to_quantized_model(state.params, recipe, state.quant_params)
+        return {"checkpoint_bytes": checkpoint.export_model(workdir, state.variables, model_info)}
+    qmodel = to_quantized_model(
+        state.params, recipe, state.quant_params, model_state=state.model_state
+    )
     quantized = [
         leaf
         for leaf in jax.tree_util.tree_leaves(
@@ -302,15 +331,15 @@ def _export(config, workdir, student, state, recipe, dataset) -> dict[str, Any]:
         qmodel,
         source=dataset.test,
         batch_size=config.eval_batch_size,
-        pixel_scale=dataset.pixel_scale,
+        **pixel_options(dataset, config),
     )
     images = next(
         eval_batches(
-            dataset.test, batch_size=config.eval_batch_size, pixel_scale=dataset.pixel_scale
+            dataset.test, batch_size=config.eval_batch_size, **pixel_options(dataset, config)
         )
     )["image"]
-    float_fn = jax.jit(lambda p, x: student.apply({"params": p}, x))
-    float_params = dequantize_tree(qmodel.params)
+    float_fn = jax.jit(lambda v, x: student.apply(v, x))
+    float_params = {"params": dequantize_tree(qmodel.params), **state.model_state}
     fields.update(
         test_accuracy_int=int_eval["accuracy"],
         latency_ms_float=median_latency_ms(float_fn, float_params, images),
@@ -336,7 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+    dataset = load_dataset(
+        config.dataset, data_dir=config.data_dir or None, image_size=config.image_size or None
+    )
     if config.batch_size > len(dataset.train):
         raise ValueError(
             f"config.batch_size={config.batch_size} is larger than the {dataset.name} train "
@@ -375,11 +406,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     test = evaluate(
         make_eval_step(student, recipe=recipe),
-        state.params,
+        state.variables,
         state.quant_params,
         source=dataset.test,
         batch_size=config.eval_batch_size,
-        pixel_scale=dataset.pixel_scale,
+        **pixel_options(dataset, config),
     )
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(

@@ -26,6 +26,9 @@ class TrainState:
         projections), {} when none.
       opt_state: optax state of `trainable`.
       key: the run's PRNG key (raw uint32[2]); step t uses fold_in(key, t).
+      model_state: the student's other variable collections (e.g.
+        {"batch_stats": ...}), updated by its forward pass in training, not by
+        the optimizer; {} for models without.
     """
 
     step: jax.Array
@@ -34,6 +37,12 @@ class TrainState:
     distill_params: Any
     opt_state: optax.OptState
     key: jax.Array
+    model_state: Any = struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The student's Linen variables: params and model_state collections."""
+        return {"params": self.params, **self.model_state}
 
     @property
     def trainable(self) -> dict[str, Any]:
@@ -53,6 +62,7 @@ class TrainState:
         key: jax.Array,
         quant_params: Any = None,
         distill_params: Any = None,
+        model_state: Any = None,
     ) -> TrainState:
         """A step-0 state with freshly initialised optimizer state."""
         state = cls(
@@ -62,6 +72,7 @@ class TrainState:
             distill_params=distill_params or {},
             opt_state=None,
             key=key,
+            model_state=dict(model_state or {}),
         )
         return state.replace(opt_state=tx.init(state.trainable))
 

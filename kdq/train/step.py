@@ -31,19 +31,32 @@ Batch = dict[str, jax.Array]
 FLOAT = QuantRecipe()
 
 
-def _quantized_forward(model, params, quant_params, recipe, images, *, taps=(), train=False):
-    """Student logits and tapped features under `recipe` (weights and activations)."""
-    weights = quantized_weights(params, recipe, quant_params)
+def _quantized_forward(
+    model, variables, quant_params, recipe, images, *, taps=(), train=False, rng=None
+):
+    """Student logits, tapped features and updated model state under `recipe`.
+
+    In training (`train=True`) the non-param collections (BatchNorm statistics)
+    are updated and returned; in evaluation they are used as they are.
+    """
+    weights = quantized_weights(variables["params"], recipe, quant_params)
+    model_state = {name: value for name, value in variables.items() if name != "params"}
     intercept = (
         nn.intercept_methods(activation_interceptor(recipe, quant_params.get("activations")))
         if recipe.quantizes_activations
         else contextlib.nullcontext()
     )
     with intercept:
-        logits, features, _ = apply_with_taps(
-            model, {"params": weights}, images, taps=taps, train=train
+        logits, features, updates = apply_with_taps(
+            model,
+            {"params": weights, **model_state},
+            images,
+            taps=taps,
+            train=train,
+            mutable=list(model_state) if train else False,
+            rngs=None if rng is None else {"dropout": rng},
         )
-    return logits, features
+    return logits, features, {**model_state, **updates}
 
 
 def make_train_step(
@@ -85,14 +98,15 @@ def make_train_step(
             )
 
         def loss_fn(trainable):
-            logits, features = _quantized_forward(
+            logits, features, model_state = _quantized_forward(
                 student,
-                trainable["params"],
+                {"params": trainable["params"], **state.model_state},
                 trainable["quant"],
                 recipe,
                 images,
                 taps=objective.student_taps,
                 train=True,
+                rng=jax.random.fold_in(state.key, state.step),
             )
             loss, metrics = objective(
                 trainable["distill"],
@@ -102,12 +116,12 @@ def make_train_step(
                 student_features=features,
                 teacher_features=teacher_features,
             )
-            return loss, (logits, metrics)
+            return loss, (logits, metrics, model_state)
 
-        (loss, (logits, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (logits, metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.trainable
         )
-        new_state = state.apply_gradients(grads, tx)
+        new_state = state.apply_gradients(grads, tx).replace(model_state=model_state)
         finite = jnp.isfinite(loss) & jnp.all(
             jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
         )
@@ -136,13 +150,15 @@ def make_eval_step(
         evaluated with the quantized weights and activations it is trained with.
 
     Returns:
-      `eval_step(params, quant_params, batch) -> {"correct", "count",
+      `eval_step(variables, quant_params, batch) -> {"correct", "count",
       "loss_sum"}` summed over the examples with batch["mask"] true (all when
-      there is no mask).
+      there is no mask); `variables` = {"params": ..., other collections}.
     """
 
-    def eval_step(params: Any, quant_params: Any, batch: Batch):
-        logits, _ = _quantized_forward(model, params, quant_params or {}, recipe, batch["image"])
+    def eval_step(variables: Any, quant_params: Any, batch: Batch):
+        logits, _, _ = _quantized_forward(
+            model, variables, quant_params or {}, recipe, batch["image"]
+        )
         return classification_sums(logits, batch)
 
     return jax.jit(eval_step)

@@ -6,7 +6,6 @@ import tensorflow_datasets as tfds
 
 from kdq.data import (
     DatasetNotPreparedError,
-    center_crop_and_resize,
     eval_batches,
     load_dataset,
     train_batches,
@@ -170,18 +169,3 @@ def test_unknown_name_lists_known_datasets(tmp_path):
 def test_tfds_dataset_without_images_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="'image' and 'label'"):
         load_dataset("imdb_reviews", data_dir=str(tmp_path))
-
-
-def test_center_crop_and_resize_keeps_the_central_square():
-    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-    np.testing.assert_array_equal(center_crop_and_resize(image, (4, 4)), image[:, 1:5])
-    tall = np.arange(7 * 3, dtype=np.uint8).reshape(7, 3, 1)
-    np.testing.assert_array_equal(center_crop_and_resize(tall, (3, 3)), tall[2:5])
-
-
-def test_center_crop_and_resize_changes_size_and_keeps_constant_colour():
-    image = np.empty((5, 9, 3), dtype=np.uint8)
-    image[...] = (10, 200, 33)
-    resized = center_crop_and_resize(image, (12, 8))
-    assert resized.shape == (12, 8, 3) and resized.dtype == np.uint8
-    np.testing.assert_array_equal(resized, np.broadcast_to(image[0, 0], (12, 8, 3)))

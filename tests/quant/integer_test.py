@@ -131,3 +131,22 @@ def test_ptq_refuses_learned_modes(digits):
     recipe = QuantRecipe(act_rules=[(".*", QuantSpec(signed=False))], act_mode="lsq")
     with pytest.raises(ValueError, match="act_mode 'static' or 'dynamic'"):
         ptq(model, variables, calibration, recipe)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet8"])
+def test_batchnorm_models_with_explicit_padding_and_depthwise_convs(name):
+    """BN runs in float after the integer conv; depthwise and explicitly padded convs work."""
+    model = create_model(name, num_classes=10)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    recipe = QuantRecipe(
+        weight_rules=[(".*kernel", QuantSpec(bits=8, axes=(-1,)))],
+        act_rules=[(".*", QuantSpec(bits=8))],
+        act_mode="static",
+    )
+    qmodel = ptq(model, variables, [x], recipe)
+    assert "batch_stats" in qmodel.model_state
+    y_int = np.asarray(jax.jit(lambda q, x: integer_apply(model, q, x))(qmodel, x))
+    y_fq = np.asarray(jax.jit(lambda q, x: fake_quant_apply(model, q, x))(qmodel, x))
+    np.testing.assert_array_equal(y_int.argmax(-1), y_fq.argmax(-1))
+    np.testing.assert_allclose(y_int, y_fq, rtol=1e-3, atol=1e-3 * np.abs(y_fq).max())

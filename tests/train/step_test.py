@@ -87,7 +87,7 @@ def test_eval_step_counts_only_masked_in_examples():
     params = student.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))["params"]
     batch = _batch(size=8)
     batch["mask"] = np.array([True] * 5 + [False] * 3)
-    out = make_eval_step(student)(params, {}, batch)
+    out = make_eval_step(student)({"params": params}, {}, batch)
     predictions = np.argmax(student.apply({"params": params}, batch["image"]), -1)
     assert int(out["count"]) == 5
     assert int(out["correct"]) == int(np.sum(predictions[:5] == batch["label"][:5]))
@@ -130,3 +130,60 @@ def test_feature_distillation_trains_the_projection():
 def test_distillation_without_a_teacher_model_is_an_error():
     with pytest.raises(ValueError, match="no teacher model"):
         make_train_step(nn.Dense(3), Objective.from_config(KD), optax.sgd(0.1))
+
+
+class ConvBN(nn.Module):
+    """A conv + BatchNorm classifier: BN statistics are a separate collection."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), use_bias=False)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(10)(nn.relu(x).mean(axis=(1, 2)))
+
+
+def test_batchnorm_statistics_update_for_the_student_only():
+    student, teacher = ConvBN(), ConvBN()
+    images = _batch()["image"]
+    student_vars = student.init(jax.random.PRNGKey(0), images)
+    teacher_vars = teacher.init(jax.random.PRNGKey(1), images)
+    teacher_vars = {
+        "params": teacher_vars["params"],
+        "batch_stats": jax.tree_util.tree_map(lambda x: x + 0.5, teacher_vars["batch_stats"]),
+    }
+    objective = Objective.from_config(KD)
+    tx = optax.sgd(1e-2)
+    state = TrainState.create(
+        params=student_vars["params"],
+        tx=tx,
+        key=jax.random.PRNGKey(2),
+        model_state={"batch_stats": student_vars["batch_stats"]},
+    )
+    step = make_train_step(student, objective, tx, teacher=teacher)
+    teacher_before = jax.tree_util.tree_map(np.array, teacher_vars)
+    # Student (computed before the step donates its state): the running mean
+    # moves toward the batch mean of its conv output, momentum 0.9.
+    conv = np.asarray(
+        jax.lax.conv_general_dilated(
+            images,
+            student_vars["params"]["Conv_0"]["kernel"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    )
+    new_state, metrics = step(state, teacher_vars, _batch())
+    expected_mean = 0.9 * 0.0 + 0.1 * conv.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(
+        new_state.model_state["batch_stats"]["BatchNorm_0"]["mean"],
+        expected_mean,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    # Teacher: inference mode (its running statistics are used, never updated).
+    jax.tree_util.tree_map(np.testing.assert_array_equal, teacher_vars, teacher_before)
+    teacher_logits = teacher.apply(teacher_vars, images, train=False)
+    assert np.isfinite(float(metrics["loss"]))
+    assert not np.allclose(
+        teacher_logits, teacher.apply(teacher_vars, images, train=True, mutable=["batch_stats"])[0]
+    )

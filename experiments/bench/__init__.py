@@ -1,0 +1,1 @@
+"""Benchmarks of kdq against its JAX peers; see experiments/bench/README.md."""
