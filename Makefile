@@ -32,3 +32,15 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# Benchmarks of kdq against Qwix and AQT (the `bench` extra), in the same venv.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: bench
+
+$(BENCH_STAMP): $(STAMP) setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m experiments.bench.run_all --out-dir runs/bench

@@ -7,6 +7,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kdq.sharding import initialize_distributed
 from kdq.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -16,6 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if _CONFIG.value.distributed:
+        initialize_distributed()
     report = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(f"test accuracy {report['test_accuracy']:.4f}, model {report['checkpoint_bytes']} bytes")
 

@@ -1,9 +1,10 @@
 """What every benchmark shares: timing, statistics, the digits setup, tables and JSON.
 
 Timing. Each configuration is warmed up (compilation, caches), then sampled
-`repeats` times; a sample is the mean wall time of `number` back-to-back calls,
-each waited for with `jax.block_until_ready`, where `number` is chosen so that
-a sample lasts at least `min_sample_s`. The configurations of one figure are
+`repeats` times; a sample is the median wall time of `number` back-to-back
+calls, each waited for with `jax.block_until_ready` (the median keeps the
+pauses of a shared machine out of it), where `number` is chosen so that a
+sample lasts at least `min_sample_s`. The configurations of one figure are
 sampled round-robin (the starting one rotating each round), so a drift of the
 machine's speed hits all of them alike, and a ratio between two of them is
 taken per round (paired) before its median and range are reported.
@@ -106,7 +107,7 @@ def time_interleaved(
       min_sample_s: least duration of one sample (sets the calls per sample).
 
     Returns:
-      ({name: [seconds per call, one per sample]}, {name: calls per sample}).
+      ({name: [median seconds per call, one per sample]}, {name: calls per sample}).
     """
     numbers = {}
     for name, call in calls.items():
@@ -123,11 +124,12 @@ def time_interleaved(
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            call, number = calls[name], numbers[name]
-            start = time.perf_counter()
-            for _ in range(number):
+            call, times = calls[name], []
+            for _ in range(numbers[name]):
+                start = time.perf_counter()
                 jax.block_until_ready(call())
-            samples[name].append((time.perf_counter() - start) / number)
+                times.append(time.perf_counter() - start)
+            samples[name].append(statistics.median(times))
     return samples, numbers
 
 
@@ -221,15 +223,22 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def parser(description: str, name: str, *, repeats: int = 15) -> argparse.ArgumentParser:
-    """The command-line options every benchmark takes."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--repeats", type=int, default=repeats, help="timed samples per figure")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before sampling")
-    p.add_argument(
-        "--min-sample-s", type=float, default=0.05, help="least duration of one timed sample"
+def parser(
+    description: str, name: str, *, repeats: int = 15, sampling: bool = True
+) -> argparse.ArgumentParser:
+    """The command-line options of a benchmark (`sampling`: the options of `time_interleaved`)."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default=os.path.join("runs", "bench", f"{name}.json"))
+    p.add_argument("--repeats", type=int, default=repeats, help="timed samples per figure")
+    if sampling:
+        p.add_argument("--warmup", type=int, default=3, help="untimed calls before sampling")
+        p.add_argument(
+            "--min-sample-s", type=float, default=0.05, help="least duration of one timed sample"
+        )
+    p.add_argument(
+        "--out", default=os.path.join("runs", "bench", f"{name}.json"), help="JSON output path"
+    )
     return p
 
 

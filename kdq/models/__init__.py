@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from kdq.models.mobilenet import MobileNetV2, MobileNetV3Large, MobileNetV3Small
 from kdq.models.resnet import (
@@ -57,7 +58,8 @@ def create_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
     Args:
       name: a key of `MODELS`.
       num_classes: number of output logits.
-      **options: the model's own attributes (e.g. `hidden=(128,)` for "mlp").
+      **options: the model's own attributes (e.g. `hidden=(128,)` for "mlp");
+        `dtype` may be a name such as "bfloat16" (computation dtype).
 
     Returns:
       An unbound Linen module.
@@ -71,6 +73,8 @@ def create_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
         raise ValueError(
             f"model {name!r} has no option(s) {sorted(unknown)}; its options are {sorted(fields)}"
         )
+    if isinstance(options.get("dtype"), str):
+        options["dtype"] = jnp.dtype(options["dtype"])
     return cls(num_classes=num_classes, **options)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,10 +16,13 @@ class MLP(nn.Module):
     Attributes:
       num_classes: number of output logits.
       hidden: widths of the hidden layers.
+      dtype: computation dtype (e.g. bfloat16 on GPU/TPU); params and logits
+        stay float32.
     """
 
     num_classes: int
     hidden: Sequence[int] = (64,)
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -26,8 +30,8 @@ class MLP(nn.Module):
         del train
         x = x.reshape((x.shape[0], -1))
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
+            x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class CNN(nn.Module):
@@ -37,22 +41,25 @@ class CNN(nn.Module):
       num_classes: number of output logits.
       channels: output channels of each conv stage (each halves the spatial size).
       dense: width of the hidden dense layer.
+      dtype: computation dtype (e.g. bfloat16 on GPU/TPU); params and logits
+        stay float32.
     """
 
     num_classes: int
     channels: Sequence[int] = (32, 64)
     dense: int = 128
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps images (B, H, W, C) to logits (B, num_classes)."""
         del train
         for width in self.channels:
-            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME")(x))
+            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype)(x))
             x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(self.dense)(x))
-        return nn.Dense(self.num_classes)(x)
+        x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 def count_params(params) -> int:

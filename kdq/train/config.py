@@ -84,6 +84,17 @@ def default_config() -> ml_collections.ConfigDict:
             "grad_clip_norm": 0.0,  # 0 disables clipping
         }
     )
+    # Devices: a ("data", "model") mesh; the batch is split over "data", the
+    # state replicated except leaves matched by param_rules, a list of
+    # (regex over state paths, partition spec tuple), e.g.
+    # [("params/.*/kernel", (None, "model"))] with model_parallel = 2.
+    config.sharding = ml_collections.ConfigDict(
+        {"num_devices": 0, "model_parallel": 1, "param_rules": ()}
+    )
+    # Multi-host jobs (cloud TPU pods): experiments/main.py then calls
+    # jax.distributed.initialize() before anything else.
+    config.distributed = False
+
     config.batch_size = 64
     config.num_steps = 600
     config.eval_batch_size = 256

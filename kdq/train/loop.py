@@ -41,6 +41,7 @@ from kdq.quant import QArray, dequantize_tree
 from kdq.quant.integer import integer_apply, to_quantized_model
 from kdq.quant.qat import init_quant_params
 from kdq.report import median_latency_ms
+from kdq.sharding import DATA_AXIS, make_mesh, shard_batch, tree_shardings
 from kdq.train import config as config_lib
 from kdq.train.state import TrainState
 from kdq.train.step import classification_sums, make_eval_step, make_train_step
@@ -237,7 +238,7 @@ def _augment(config: ml_collections.ConfigDict) -> Augment:
     return Augment(**options)
 
 
-def _train(config, workdir, state, train_step, teacher_variables, dataset, checkpoints):
+def _train(config, workdir, state, train_step, teacher_variables, dataset, checkpoints, mesh):
     """Runs the steps after `state.step` up to config.num_steps; returns the final state."""
     start_step = int(state.step)
     batches = train_batches(
@@ -260,7 +261,8 @@ def _train(config, workdir, state, train_step, teacher_variables, dataset, check
     window_start = time.perf_counter()
     try:
         for step in range(start_step + 1, config.num_steps + 1):
-            state, metrics = train_step(state, teacher_variables, next(batches))
+            batch = shard_batch(next(batches), mesh)
+            state, metrics = train_step(state, teacher_variables, batch)
             pending.append(metrics)
             if (
                 step % config.log_every
@@ -386,6 +388,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = make_optimizer(config)
     state = _init_state(config, student, teacher, teacher_variables, objective, recipe, tx, dataset)
     train_seconds = 0.0
+    mesh = make_mesh(config.sharding.num_devices, config.sharding.model_parallel)
+    if config.batch_size % mesh.shape[DATA_AXIS]:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"{mesh.shape[DATA_AXIS]} data-parallel devices; choose a multiple"
+        )
     if config.mode == "train":
         checkpoints = checkpoint.StateCheckpoints(
             os.path.join(workdir, "checkpoints"),
@@ -393,12 +401,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             every=config.checkpoint_every,
         )
         try:
+            state = jax.device_put(
+                state, tree_shardings(state, mesh, list(config.sharding.param_rules))
+            )
+            teacher_variables = jax.device_put(
+                teacher_variables, tree_shardings(teacher_variables, mesh)
+            )
             restored = checkpoints.restore_latest(state)
             state = state if restored is None else restored
             train_step = make_train_step(student, objective, tx, teacher=teacher, recipe=recipe)
             start = time.perf_counter()
             state = _train(
-                config, workdir, state, train_step, teacher_variables, dataset, checkpoints
+                config, workdir, state, train_step, teacher_variables, dataset, checkpoints, mesh
             )
             train_seconds = time.perf_counter() - start
         finally:

@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kdq.models import count_params, create_model
@@ -53,3 +54,16 @@ def test_unknown_model_name_lists_known_models():
 def test_unknown_model_option_lists_options():
     with pytest.raises(ValueError, match=r"no option\(s\) \['depth'\].*hidden"):
         create_model("mlp", num_classes=10, depth=3)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_bfloat16_compute_keeps_float32_params_and_logits(name):
+    model = create_model(name, num_classes=10, dtype="bfloat16")
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+    hlo = jax.jit(model.apply).lower(variables, jnp.ones((2, 8, 8, 1))).as_text()
+    assert "bf16" in hlo
+    logits = model.apply(variables, jnp.ones((2, 8, 8, 1)))
+    reference = create_model(name, num_classes=10).apply(variables, jnp.ones((2, 8, 8, 1)))
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.05)
