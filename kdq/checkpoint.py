@@ -28,14 +28,25 @@ from kdq.quant.recipe import QuantRecipe
 
 
 def kdq_version() -> str:
-    """The installed kdq version (recorded in checkpoints)."""
+    """The installed kdq version (recorded in checkpoints).
+
+    Returns:
+      The version string.
+    """
     from kdq import __version__
 
     return __version__
 
 
 def directory_bytes(path: str | os.PathLike) -> int:
-    """Total size in bytes of the files under `path`."""
+    """Total size in bytes of the files under `path`.
+
+    Args:
+      path: a directory.
+
+    Returns:
+      The sum of the sizes of every file below it.
+    """
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -127,6 +138,9 @@ def load_float_variables(workdir: str | os.PathLike, template: Any) -> Any:
     Args:
       workdir: the run directory of the model (e.g. a teacher's run).
       template: variables of the same model (arrays or ShapeDtypeStructs).
+
+    Returns:
+      The restored variables.
 
     Raises:
       FileNotFoundError: no export in `workdir`; says how to make one.

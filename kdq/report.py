@@ -52,7 +52,14 @@ def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A fixed-width text table of summary rows."""
+    """A fixed-width text table of summary rows.
+
+    Args:
+      rows: summary rows from `summarize`.
+
+    Returns:
+      The table as text, one line per row after a header.
+    """
     header = (
         "run",
         "model",
@@ -130,6 +137,9 @@ def median_latency_ms(fn, *args: Any, warmup: int = 3, repeats: int = 20) -> flo
       *args: its arguments.
       warmup: untimed calls first (compilation, caches).
       repeats: timed calls.
+
+    Returns:
+      The median time of the timed calls, in milliseconds.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))

@@ -20,7 +20,18 @@ Rules = Sequence[tuple[str, Any]]
 
 
 def key_path_str(key_path: tuple[Any, ...]) -> str:
-    """'/'-joined path of a `jax.tree_util` key path."""
+    """'/'-joined path of a `jax.tree_util` key path.
+
+    Args:
+      key_path: a key path from `jax.tree_util.tree_flatten_with_path`.
+
+    Returns:
+      The path, e.g. 'params/Dense_0/kernel'.
+
+    >>> import jax
+    >>> [key_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"a": [1, {"b": 2}]})[0]]
+    ['a/0', 'a/1/b']
+    """
     parts = []
     for key in key_path:
         if isinstance(key, jax.tree_util.DictKey):
@@ -37,7 +48,15 @@ def key_path_str(key_path: tuple[Any, ...]) -> str:
 
 
 def tree_paths(tree: Any, *, is_leaf=None) -> list[str]:
-    """The '/'-joined paths of every leaf of `tree`, in flattening order."""
+    """The '/'-joined paths of every leaf of `tree`, in flattening order.
+
+    Args:
+      tree: any pytree.
+      is_leaf: as for `jax.tree_util.tree_flatten_with_path`.
+
+    Returns:
+      One path per leaf.
+    """
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [key_path_str(path) for path, _ in leaves]
 
@@ -88,6 +107,10 @@ def match_rules(paths: Sequence[str], rules: Rules, value_type, *, name: str = "
     Raises:
       ValueError: if `rules` is not empty and no rule matches any path; the
         message lists the paths. (An empty rule list selects nothing.)
+
+    >>> match_rules(["Dense_0/kernel", "Dense_0/bias", "head/kernel"],
+    ...             [("head/.*", None), (".*/kernel", 4)], int)
+    [4, None, None]
     """
     compiled = compile_rules(rules, value_type, name=name)
     values, matched_any = [], False

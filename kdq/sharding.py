@@ -44,6 +44,9 @@ def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
     Args:
       num_devices: how many devices to use; 0 for all of `jax.devices()`.
       model_parallel: size of the "model" axis; must divide the device count.
+
+    Returns:
+      The `Mesh`.
     """
     devices = jax.devices()
     count = num_devices or len(devices)
@@ -66,6 +69,9 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ())
       tree: a pytree (e.g. the train state).
       mesh: the mesh.
       rules: (regex, partition spec tuple | None) over leaf paths.
+
+    Returns:
+      A pytree of `NamedSharding`s with the structure of `tree`.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = [key_path_str(path) for path, _ in leaves]
@@ -86,6 +92,13 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
     In a multi-process job each process passes the same global batch and
     contributes its own slice of it.
+
+    Args:
+      batch: {name: array with the global batch size first}.
+      mesh: the mesh.
+
+    Returns:
+      {name: global `jax.Array` sharded over "data"}.
     """
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     data_size = mesh.shape[DATA_AXIS]

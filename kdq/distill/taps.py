@@ -33,7 +33,16 @@ def _compile(taps: Sequence[str]) -> list[re.Pattern]:
 
 
 def module_paths(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> list[str]:
-    """Paths of every submodule `__call__` of `model` on the given inputs (no compute)."""
+    """Paths of every submodule `__call__` of `model` on the given inputs (no compute).
+
+    Args:
+      model: any Linen module.
+      variables: its variables.
+      *args, **kwargs: the model's inputs, as for `model.apply`.
+
+    Returns:
+      '/'-joined module paths, in call order, each once.
+    """
 
     def run(variables, *args):
         return model.apply(

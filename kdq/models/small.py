@@ -63,5 +63,12 @@ class CNN(nn.Module):
 
 
 def count_params(params) -> int:
-    """Number of scalar parameters in a pytree."""
+    """Number of scalar parameters in a pytree.
+
+    Args:
+      params: a pytree of arrays (or ShapeDtypeStructs).
+
+    Returns:
+      The total number of elements.
+    """
     return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))

@@ -151,7 +151,18 @@ def _input_scale(qmodel: QuantizedModel, path: str, x: jax.Array, spec: QuantSpe
 
 
 def fake_quant_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwargs) -> Any:
-    """The float-arithmetic forward pass of a `QuantizedModel` (reference for the integer one)."""
+    """The float-arithmetic forward pass of a `QuantizedModel` (reference for the integer one).
+
+    Args:
+      model: the Linen model the quantized model was made from.
+      qmodel: the quantized model.
+      x: the model's input.
+      **kwargs: passed to `model.apply`.
+
+    Returns:
+      The model's output computed with dequantized weights and inputs
+      fake-quantized with the static (or per-batch) activation scales.
+    """
     compiled = _compiled(qmodel.recipe.act_rules)
 
     def interceptor(next_fun, args, call_kwargs, context):
@@ -264,6 +275,15 @@ def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwar
 
     Modules with both a quantized input and a `QArray` kernel run on
     integers; every other op runs in float on dequantized weights.
+
+    Args:
+      model: the Linen model the quantized model was made from.
+      qmodel: the quantized model.
+      x: the model's input.
+      **kwargs: passed to `model.apply`.
+
+    Returns:
+      The model's output.
     """
     compiled = _compiled(qmodel.recipe.act_rules)
     flat = flax.traverse_util.flatten_dict(qmodel.params, sep="/")

@@ -351,6 +351,13 @@ def quantize(
 
     Returns:
       A `QArray` with q = clip(round(x / s) + z, qmin, qmax).
+
+    >>> import jax.numpy as jnp
+    >>> q = quantize(jnp.array([-1.0, 0.0, 0.3, 1.0]), QuantSpec(bits=4))
+    >>> q.qvalue, q.scale
+    (Array([-7,  0,  2,  7], dtype=int4), Array([0.14285715], dtype=float32))
+    >>> dequantize(q)
+    Array([-1.       ,  0.       ,  0.2857143,  1.       ], dtype=float32)
     """
     x = _as_float(x)
     scale, zero_point = _check_quantize_args(x, spec, scale, zero_point, key)

@@ -27,7 +27,16 @@ from kdq.quant.tree import fake_quant_tree, tree_specs
 
 
 def quantized_weights(params: Any, recipe: QuantRecipe, quant_params: Any = None) -> Any:
-    """The weights the model computes with under `recipe` (fake-quantized, STE gradients)."""
+    """The weights the model computes with under `recipe` (fake-quantized, STE gradients).
+
+    Args:
+      params: float params.
+      recipe: the quantization recipe (its weight rules and weight mode).
+      quant_params: quantizer state; its "weights" hold the LSQ steps.
+
+    Returns:
+      Params of the same structure, selected leaves fake-quantized.
+    """
     if not recipe.quantizes_weights:
         return params
     if recipe.weight_mode == "calibrated":

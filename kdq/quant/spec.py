@@ -54,6 +54,12 @@ class QuantSpec:
         reconstruction error, per scale group).
       rounding: "nearest" (round half to even) or "stochastic"
         (floor(x / s + u), u ~ U[0, 1): unbiased; needs a PRNG key).
+
+    >>> spec = QuantSpec(bits=4, axes=(-1,))
+    >>> spec.qmin, spec.qmax, spec.dtype
+    (-8, 7, dtype(int4))
+    >>> QuantSpec(bits=8, signed=False).qmax
+    255
     """
 
     bits: int = 8

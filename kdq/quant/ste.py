@@ -44,6 +44,9 @@ def straight_through(x: ArrayLike, y: ArrayLike) -> jax.Array:
     Args:
       x: the array the gradient flows to.
       y: the forward value, same shape as `x` (e.g. `round(x)`).
+
+    Returns:
+      `y`, with the gradient above.
     """
     x = jnp.asarray(x)
     return _pass_through(x, jnp.asarray(y, x.dtype), jnp.ones(x.shape, jnp.bool_))
@@ -58,6 +61,9 @@ def clipped_straight_through(
       x: the array the gradient flows to.
       y: the forward value, same shape as `x`.
       lower, upper: the range where the gradient passes; broadcast against x.
+
+    Returns:
+      `y`, with the gradient above.
     """
     x = jnp.asarray(x)
     inside = (x >= lower) & (x <= upper)
@@ -65,7 +71,20 @@ def clipped_straight_through(
 
 
 def round_ste(x: ArrayLike) -> jax.Array:
-    """round(x) (half to even) with the straight-through gradient d/dx = 1."""
+    """round(x) (half to even) with the straight-through gradient d/dx = 1.
+
+    Args:
+      x: any float array.
+
+    Returns:
+      round(x), same shape and dtype.
+
+    >>> import jax, jax.numpy as jnp
+    >>> round_ste(jnp.array([0.5, 1.5, 2.4]))
+    Array([0., 2., 2.], dtype=float32)
+    >>> jax.grad(lambda x: round_ste(x).sum())(jnp.array([0.5, 1.5, 2.4]))
+    Array([1., 1., 1.], dtype=float32)
+    """
     x = jnp.asarray(x)
     return straight_through(x, jnp.round(x))
 
@@ -94,6 +113,12 @@ def lsq_grad_scale(num_elements: int, spec: QuantSpec) -> float:
       num_elements: N, the number of weights (N_W) sharing one step, or the
         number of features of one example (N_F) for an activation quantizer.
       spec: the quantizer; Q_P = spec.qmax.
+
+    Returns:
+      g as a Python float.
+
+    >>> lsq_grad_scale(256, QuantSpec(bits=4))
+    0.0236227795630767
     """
     if num_elements < 1:
         raise ValueError(f"num_elements must be >= 1, got num_elements={num_elements}")

@@ -77,7 +77,14 @@ def quantize_tree(params: Any, rules: Rules, *, key: jax.Array | None = None) ->
 
 
 def dequantize_tree(tree: Any) -> Any:
-    """Replaces every `QArray` in `tree` by its dequantized float32 array."""
+    """Replaces every `QArray` in `tree` by its dequantized float32 array.
+
+    Args:
+      tree: a pytree whose leaves are arrays and/or `QArray`s.
+
+    Returns:
+      The same structure with plain float32 arrays where `QArray`s were.
+    """
     return jax.tree_util.tree_map(
         lambda x: dequantize(x) if isinstance(x, QArray) else x,
         tree,

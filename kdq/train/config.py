@@ -15,7 +15,11 @@ from kdq.quant.recipe import QuantRecipe
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Returns the default configuration (a float MLP trained on digits)."""
+    """Returns the default configuration (a float MLP trained on digits).
+
+    Returns:
+      A `ml_collections.ConfigDict`; see the comments in this function.
+    """
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.dataset = "digits"
@@ -116,7 +120,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
-    """The quantization recipe a config asks for (empty rules when float)."""
+    """The quantization recipe a config asks for (empty rules when float).
+
+    Args:
+      config: a run config (its `quant` section).
+
+    Returns:
+      The `QuantRecipe`.
+    """
     quant = config.quant
     weight_rules, act_rules = [], []
     axes = (-1,) if quant.per_channel else ()

@@ -60,7 +60,15 @@ def _decay_mask(trainable: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optax optimizer and learning-rate schedule of `config.optimizer`."""
+    """The optax optimizer of a run: schedule, optimizer, clipping, pruning.
+
+    Args:
+      config: a run config (its `optimizer`, `num_steps` and `prune` sections).
+
+    Returns:
+      The optax transformation over `TrainState.trainable`; weight decay
+      spares the quantizer state, and pruning (if any) comes last.
+    """
     opt = config.optimizer
     if opt.schedule == "cosine":
         learning_rate = optax.warmup_cosine_decay_schedule(
