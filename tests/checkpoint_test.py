@@ -148,3 +148,48 @@ def test_sparse_export_round_trips_bit_exactly(tmp_path, bits):
 def test_bytes_on_disk_decrease_with_sparsity(tmp_path):
     sizes = [save_quantized(tmp_path / f"s{s}", _sparse_qmodel(s)) for s in (0.0, 0.5, 0.75, 0.9)]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+
+
+@pytest.mark.parametrize(
+    ("weight_mode", "act_mode"), [("lsq", "lsq"), ("lsq", "pact"), ("calibrated", "static")]
+)
+def test_restored_checkpoint_gives_float_params_and_quantizer_state(
+    tmp_path, weight_mode, act_mode
+):
+    from kdq.quant import dequantize, init_quant_params, to_qat_state
+
+    model = create_model("mlp", num_classes=10, hidden=(32,))
+    x = np.random.default_rng(0).uniform(size=(16, 8, 8, 1)).astype(np.float32)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    recipe = QuantRecipe(
+        weight_rules=[(".*kernel", QuantSpec(bits=4, axes=(-1,)))],
+        act_rules=[(".*", QuantSpec(bits=4, signed=False))],
+        weight_mode=weight_mode,
+        act_mode=act_mode,
+    )
+    quant_params = init_quant_params(model, variables, recipe, [x])
+    qmodel = to_quantized_model(variables["params"], recipe, quant_params)
+    save_quantized(tmp_path / "ckpt", qmodel)
+    restored, _ = restore_quantized(tmp_path / "ckpt")
+    params, state = to_qat_state(restored)
+    kernel = qmodel.params["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(params["Dense_0"]["kernel"], dequantize(kernel))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+        state["activations"],
+        quant_params["activations"],
+    )
+    if weight_mode == "lsq":
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal, state["weights"], quant_params["weights"]
+        )
+    again = to_quantized_model(params, recipe, state)
+    if weight_mode == "lsq":
+        _assert_same(qmodel.params, again.params)
+    else:
+        # Calibrated weights are re-calibrated from the dequantized values:
+        # the same integers, scales equal to float32 rounding.
+        for layer in ("Dense_0", "Dense_1"):
+            a, b = qmodel.params[layer]["kernel"], again.params[layer]["kernel"]
+            np.testing.assert_array_equal(np.asarray(a.qvalue, int), np.asarray(b.qvalue, int))
+            np.testing.assert_allclose(a.scale, b.scale, rtol=2e-7)

@@ -2,7 +2,13 @@
 activation quantization, calibration, QAT state, PTQ and integer inference."""
 
 from kdq.quant.calibration import calibrate_activations
-from kdq.quant.integer import QuantizedModel, fake_quant_apply, integer_apply, to_quantized_model
+from kdq.quant.integer import (
+    QuantizedModel,
+    fake_quant_apply,
+    integer_apply,
+    to_qat_state,
+    to_quantized_model,
+)
 from kdq.quant.intercept import activation_interceptor, activation_report
 from kdq.quant.numerics import (
     calibrate,
@@ -56,6 +62,7 @@ __all__ = [
     "scale_from_range",
     "scale_shape",
     "straight_through",
+    "to_qat_state",
     "to_quantized_model",
     "tree_specs",
 ]

@@ -32,6 +32,7 @@ anything else raises a ValueError saying so (use `fake_quant_apply`).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax
@@ -128,6 +129,47 @@ def to_quantized_model(
         recipe=recipe,
         model_state=dict(model_state or {}),
     )
+
+
+def to_qat_state(qmodel: QuantizedModel) -> tuple[Any, dict[str, Any]]:
+    """Float params and quantizer state that continue QAT from a `QuantizedModel`.
+
+    The inverse of `to_quantized_model`: weights are dequantized; LSQ weight
+    steps are the weight scales; activation state is rebuilt for the recipe's
+    act_mode (static: the scales; lsq: step = scale; pact: alpha = scale *
+    qmax). `to_quantized_model(*to_qat_state(q))` gives back q's integers.
+
+    Args:
+      qmodel: a quantized model, e.g. from `kdq.checkpoint.restore_quantized`.
+
+    Returns:
+      (float params, quant_params) for `TrainState` / `apply_quantized`.
+    """
+    recipe = qmodel.recipe
+    flat = flax.traverse_util.flatten_dict(
+        qmodel.params, sep="/", is_leaf=lambda _, x: isinstance(x, QArray)
+    )
+    params, steps = {}, {}
+    for path, leaf in flat.items():
+        if isinstance(leaf, QArray):
+            params[path] = dequantize(leaf)
+            if recipe.weight_mode == "lsq":
+                steps[f"{path}/step"] = leaf.scale
+        else:
+            params[path] = leaf
+    activations = {}
+    compiled = _compiled(recipe.act_rules)
+    for key, value in flax.traverse_util.flatten_dict(qmodel.act_scales, sep="/").items():
+        path, field = key.rsplit("/", 1)
+        if recipe.act_mode == "lsq" and field == "scale":
+            activations[f"{path}/step"] = value
+        elif recipe.act_mode == "pact" and field == "scale":
+            activations[f"{path}/alpha"] = value * _match(path, compiled)[1].qmax
+        else:
+            activations[key] = value
+    unflatten = partial(flax.traverse_util.unflatten_dict, sep="/")
+    quant_params = {"weights": unflatten(steps), "activations": unflatten(activations)}
+    return unflatten(params), quant_params
 
 
 def _dequantized(params: Any) -> Any:
