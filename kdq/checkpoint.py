@@ -158,7 +158,8 @@ def load_float_variables(workdir: str | os.PathLike, template: Any) -> Any:
     except Exception as e:  # orbax raises many types for mismatched trees
         raise ValueError(
             f"the model exported at {path} does not fit the requested architecture "
-            f"({type(e).__name__}: {e}); check the teacher's name and options"
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); check the model's name and "
+            "options, or re-export it with this kdq version"
         ) from e
 
 
