@@ -96,7 +96,7 @@ def time_interleaved(
     *,
     repeats: int,
     warmup: int = 3,
-    min_sample_s: float = 0.05,
+    min_sample_s: float = 0.1,
 ) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Seconds per call of each entry of `calls`, sampled round-robin after warm-up.
 
@@ -234,7 +234,7 @@ def parser(
     if sampling:
         p.add_argument("--warmup", type=int, default=3, help="untimed calls before sampling")
         p.add_argument(
-            "--min-sample-s", type=float, default=0.05, help="least duration of one timed sample"
+            "--min-sample-s", type=float, default=0.1, help="least duration of one timed sample"
         )
     p.add_argument(
         "--out", default=os.path.join("runs", "bench", f"{name}.json"), help="JSON output path"

@@ -43,6 +43,8 @@ MODELS = ("mlp", "cnn")
 BITS = (8, 4)
 PEERS = ("qwix", "aqt")
 LEARNING_RATE = 1e-3
+KDQ = "kdq (make_train_step)"
+KDQ_PLAIN = "kdq (plain step)"
 AQT_CNN_NOTE = (
     "AQT's quantized conv has no gradient: its CNN step skips the conv backward pass "
     "and trains only the Dense layers"
@@ -112,8 +114,8 @@ def setups(name: str, bits: int, example: jax.Array, tx) -> dict[str, Setup]:
     """Every way of training `name` at W<bits>A<bits> that is compared, by label."""
     found = {
         "float": plain_setup(libraries.forward("kdq", name, None, example), tx),
-        "kdq": kdq_setup(name, bits, example, tx),
-        "kdq (plain step)": plain_setup(libraries.forward("kdq", name, bits, example), tx),
+        KDQ: kdq_setup(name, bits, example, tx),
+        KDQ_PLAIN: plain_setup(libraries.forward("kdq", name, bits, example), tx),
     }
     for peer in PEERS:
         found[peer] = plain_setup(libraries.forward(peer, name, bits, example), tx)
@@ -121,6 +123,7 @@ def setups(name: str, bits: int, example: jax.Array, tx) -> dict[str, Setup]:
 
 
 def copy(tree):
+    """A copy of every array of `tree` (steps donate their state)."""
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
@@ -150,11 +153,25 @@ def train_accuracy(setup: Setup, params, batches, test) -> float:
 
 
 def mean(values):
+    """Mean of `values`, None when there are none."""
     return statistics.fmean(values) if values else None
 
 
 def percent(value: float | None) -> str:
+    """A fraction as a percentage, '-' for None."""
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def accuracy_text(values: list[float] | None) -> str:
+    """'mean% [per seed]' of a list of accuracies."""
+    if not values:
+        return "-"
+    return f"{percent(mean(values))} [{' '.join(f'{100 * v:.2f}' for v in values)}]"
+
+
+def short(text: str, width: int = 100) -> str:
+    """`text` cut to `width` characters for a table cell."""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def seed_accuracies(setup: Setup, inits: dict[int, Any], seed_batches, test) -> list[float]:
@@ -166,22 +183,22 @@ def compare(name, config, peer, samples, accuracies, errors, seeds):
     """The comparison of kdq with `peer` on one model and config, and its goal checks."""
     note = AQT_CNN_NOTE if (peer, name) == ("aqt", "cnn") else ""
     if peer not in samples:
-        note = f"{peer} cannot run {config} here: {errors.get(peer, '')}"
+        note = f"{peer} cannot run {config} here: {short(errors.get(peer, ''))}"
         return {"model": name, "config": config, "peer": peer, "note": note}, []
     where = f"{name} {config}"
     comparison = {
         "model": name,
         "config": config,
         "peer": peer,
-        "kdq_step_over_peer": common.paired_ratio(samples["kdq"], samples[peer]),
-        "kdq_plain_step_over_peer": common.paired_ratio(samples["kdq (plain step)"], samples[peer]),
-        "kdq_mean_accuracy": mean(accuracies["kdq"]),
+        "kdq_step_over_peer": common.paired_ratio(samples[KDQ], samples[peer]),
+        "kdq_plain_step_over_peer": common.paired_ratio(samples[KDQ_PLAIN], samples[peer]),
+        "kdq_mean_accuracy": mean(accuracies[KDQ]),
         "peer_mean_accuracy": mean(accuracies[peer]),
         "note": note,
     }
     goals = [
         common.goal(
-            f"kdq step / {peer} step, {where}",
+            f"kdq make_train_step / {peer} step, {where}",
             comparison["kdq_step_over_peer"]["median"],
             1.0,
             at_most=True,
@@ -242,7 +259,7 @@ def main(argv=None) -> dict:
             if float_accuracy is None:
                 float_accuracy = seed_accuracies(found["float"], inits, seed_batches, test)
             accuracies = {"float": float_accuracy}
-            for label in ("kdq", *PEERS):
+            for label in (KDQ, *PEERS):
                 if label in found:
                     accuracies[label] = seed_accuracies(found[label], inits, seed_batches, test)
 
@@ -251,7 +268,7 @@ def main(argv=None) -> dict:
                     "model": name,
                     "config": config,
                     "library": label.split(" ")[0],
-                    "step": "make_train_step" if label == "kdq" else "plain",
+                    "step": "make_train_step" if label == KDQ else "plain",
                     "step_ms": common.ms(samples[label]) if label in samples else None,
                     "ratio_to_float": (
                         common.paired_ratio(samples[label], samples["float"])
@@ -271,8 +288,8 @@ def main(argv=None) -> dict:
                         label,
                         common.fmt(row["step_ms"]),
                         common.fmt(row["ratio_to_float"]),
-                        percent(row["mean_accuracy"]),
-                        row["error"] or "",
+                        accuracy_text(row["accuracy"]),
+                        short(row["error"] or ""),
                     ]
                 )
             for peer in PEERS:
@@ -308,7 +325,7 @@ def main(argv=None) -> dict:
                 "model",
                 "bits",
                 "peer",
-                "kdq step / peer",
+                "kdq make_train_step / peer",
                 "same plain step: kdq / peer",
                 "kdq acc",
                 "peer acc",

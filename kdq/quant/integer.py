@@ -45,10 +45,9 @@ from jax import lax
 from kdq.quant.intercept import (
     SUPPORTED_MODULES,
     _compiled,
-    _is_module_call,
     _match,
     lookup,
-    module_path,
+    module_input_interceptor,
 )
 from kdq.quant.numerics import calibrate, dequantize, fake_quant, quantize
 from kdq.quant.qarray import QArray
@@ -172,14 +171,6 @@ def to_qat_state(qmodel: QuantizedModel) -> tuple[Any, dict[str, Any]]:
     return unflatten(params), quant_params
 
 
-def _dequantized(params: Any) -> Any:
-    return jax.tree_util.tree_map(
-        lambda x: dequantize(x) if isinstance(x, QArray) else x,
-        params,
-        is_leaf=lambda x: isinstance(x, QArray),
-    )
-
-
 def _input_scale(qmodel: QuantizedModel, path: str, x: jax.Array, spec: QuantSpec):
     if qmodel.recipe.act_mode == "dynamic":
         return calibrate(x, spec)
@@ -205,23 +196,7 @@ def fake_quant_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **k
       The model's output computed with dequantized weights and inputs
       fake-quantized with the static (or per-batch) activation scales.
     """
-    compiled = _compiled(qmodel.recipe.act_rules)
-
-    def interceptor(next_fun, args, call_kwargs, context):
-        if not _is_module_call(context) or not args:
-            return next_fun(*args, **call_kwargs)
-        path = module_path(context.module)
-        _, spec = _match(path, compiled)
-        if spec is None:
-            return next_fun(*args, **call_kwargs)
-        scale, zero_point = _input_scale(qmodel, path, args[0], spec)
-        x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
-        return next_fun(x_hat, *args[1:], **call_kwargs)
-
-    with nn.intercept_methods(interceptor):
-        return model.apply(
-            {"params": _dequantized(qmodel.params), **qmodel.model_state}, x, **kwargs
-        )
+    return _apply(model, qmodel, x, integer=False, **kwargs)
 
 
 def _operand_dtype(*specs: QuantSpec) -> jnp.dtype:
@@ -327,13 +302,21 @@ def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwar
     Returns:
       The model's output.
     """
+    return _apply(model, qmodel, x, integer=True, **kwargs)
+
+
+def _apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, *, integer: bool, **kwargs):
+    """Runs `model` on a `QuantizedModel`: integer or fake-quantized selected modules."""
     compiled = _compiled(qmodel.recipe.act_rules)
-    flat = flax.traverse_util.flatten_dict(qmodel.params, sep="/")
+    flat = flax.traverse_util.flatten_dict(
+        qmodel.params, sep="/", is_leaf=lambda _, x: isinstance(x, QArray)
+    )
     integer_modules = set()
-    for key, leaf in flat.items():
-        path = key.rsplit("/", 1)[0] if "/" in key else ""
-        if key.endswith("kernel") and isinstance(leaf, QArray) and _match(path, compiled)[1]:
-            integer_modules.add(path)
+    if integer:
+        for key, leaf in flat.items():
+            path = key.rsplit("/", 1)[0] if "/" in key else ""
+            if key.endswith("kernel") and isinstance(leaf, QArray) and _match(path, compiled)[1]:
+                integer_modules.add(path)
     params = {
         key: leaf
         if key.rsplit("/", 1)[0] in integer_modules or not isinstance(leaf, QArray)
@@ -342,20 +325,14 @@ def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwar
     }
     params = flax.traverse_util.unflatten_dict(params, sep="/")
 
-    def interceptor(next_fun, args, call_kwargs, context):
-        if not _is_module_call(context) or not args:
-            return next_fun(*args, **call_kwargs)
-        path = module_path(context.module)
-        _, spec = _match(path, compiled)
-        if spec is None:
-            return next_fun(*args, **call_kwargs)
+    def call(next_fun, args, call_kwargs, module, path, spec):
         scale, zero_point = _input_scale(qmodel, path, args[0], spec)
         if path not in integer_modules:
             x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
             return next_fun(x_hat, *args[1:], **call_kwargs)
-        kernel = context.module.get_variable("params", "kernel")
-        _check_integer_ready(path, context.module, spec, kernel)
-        return _integer_module(context.module, args[0], kernel, scale, spec)
+        kernel = module.get_variable("params", "kernel")
+        _check_integer_ready(path, module, spec, kernel)
+        return _integer_module(module, args[0], kernel, scale, spec)
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(module_input_interceptor(qmodel.recipe.act_rules, call)):
         return model.apply({"params": params, **qmodel.model_state}, x, **kwargs)

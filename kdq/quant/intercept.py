@@ -58,6 +58,32 @@ def _is_module_call(context) -> bool:
     return context.method_name == "__call__" and isinstance(context.module, SUPPORTED_MODULES)
 
 
+def module_input_interceptor(rules: Rules, call: Callable[..., Any]):
+    """An interceptor that hands each selected module call to `call`.
+
+    Args:
+      rules: (regex, QuantSpec | None) over module paths.
+      call: `call(next_fun, args, kwargs, module, path, spec)`, invoked for each
+        `__call__` of a Dense / DenseGeneral / Conv / Einsum module that a rule
+        selects with a spec; every other call runs unchanged.
+
+    Returns:
+      A function for `flax.linen.intercept_methods`.
+    """
+    compiled = _compiled(rules)
+
+    def interceptor(next_fun, args, kwargs, context):
+        if not _is_module_call(context) or not args:
+            return next_fun(*args, **kwargs)
+        path = module_path(context.module)
+        _, spec = _match(path, compiled)
+        if spec is None:
+            return next_fun(*args, **kwargs)
+        return call(next_fun, args, kwargs, context.module, path, spec)
+
+    return interceptor
+
+
 def activation_interceptor(
     recipe: QuantRecipe,
     act_state: Any = None,
@@ -77,24 +103,17 @@ def activation_interceptor(
     Returns:
       A function for `flax.linen.intercept_methods`.
     """
-    compiled = _compiled(recipe.act_rules)
 
-    def interceptor(next_fun, args, kwargs, context):
-        if not _is_module_call(context) or not args:
-            return next_fun(*args, **kwargs)
-        path = module_path(context.module)
-        _, spec = _match(path, compiled)
-        if spec is None:
-            return next_fun(*args, **kwargs)
+    def call(next_fun, args, kwargs, module, path, spec):
         x, rest = args[0], args[1:]
         if record is not None:
             lo, hi = record(x, spec)
-            context.module.sow(STATS_COLLECTION, "lo", lo)
-            context.module.sow(STATS_COLLECTION, "hi", hi)
+            module.sow(STATS_COLLECTION, "lo", lo)
+            module.sow(STATS_COLLECTION, "hi", hi)
             return next_fun(x, *rest, **kwargs)
         return next_fun(quantize_input(x, spec, recipe.act_mode, act_state, path), *rest, **kwargs)
 
-    return interceptor
+    return module_input_interceptor(recipe.act_rules, call)
 
 
 def quantize_input(x: jax.Array, spec: QuantSpec, mode: str, act_state: Any, path: str):
