@@ -20,6 +20,8 @@ NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
 STEPS = 40
 CELL_TIMEOUT_S = 300
 INTERPRETER_PROBE = "import sys\nprint(sys.prefix)\nprint(sys.executable)"
+DISTILLATION_RUNS = ["teacher", "student", "student_kd", "student_dist"]
+EXPLORER_RUNS = ["teacher", "ptq_w8a8", "qat_w4a4_kd", "qat_w2a2_kd", "student", "student_w4_kd"]
 
 
 def _read(name):
@@ -94,11 +96,10 @@ def test_distillation_prototype_notebook_runs(tmp_path, monkeypatch):
     for figure in ("learning_curves.png", "final_accuracy.png"):
         assert (workdir / figure).stat().st_size > 0
     assert len(_images(nb)) == 2
-    runs = ["teacher", "student", "student_kd", "student_dist"]
     with open(workdir / "summary.json") as f:
-        assert [row["name"] for row in json.load(f)] == runs
+        assert [row["name"] for row in json.load(f)] == DISTILLATION_RUNS
     accuracies = _accuracies(nb)
-    assert sorted(accuracies) == sorted(runs)
+    assert sorted(accuracies) == sorted(DISTILLATION_RUNS)
     # 10 classes: even a few dozen steps are well above chance (0.1).
     assert all(0.2 < accuracy <= 1.0 for accuracy in accuracies.values()), accuracies
     metrics = (workdir / "student_dist_seed0" / "metrics.jsonl").read_text()
@@ -111,18 +112,23 @@ def test_quantization_explorer_notebook_runs(tmp_path, monkeypatch):
     nb = _execute(
         "quantization_explorer.ipynb", tmp_path, monkeypatch, KDQ_DEMO_REPORT="missing.json"
     )
+    assert "no demo report: reduced runs" in _stdout(nb)
     workdir = tmp_path / "runs" / "quantization_explorer" / f"steps{STEPS}"
-    figures = ("weight_histogram.png", "reconstruction_error.png", "accuracy_vs_size.png")
+    figures = [
+        "weight_histogram.png",
+        "channel_ranges.png",
+        "reconstruction_error.png",
+        "accuracy_vs_size.png",
+    ]
     for figure in figures:
         assert (workdir / figure).stat().st_size > 0
-    assert len(_images(nb)) >= len(figures)
+    assert len(_images(nb)) == len(figures)
     with open(workdir / "report.json") as f:
         rows = json.load(f)["runs"]
-    names = [row["name"] for row in rows]
-    assert names == ["teacher", "ptq_w8a8", "qat_w4a4_kd", "qat_w2a2_kd", "student", "student_w4_kd"]
-    sizes = {row["name"]: row["checkpoint_bytes"] for row in rows}
-    assert sizes["teacher"] > sizes["ptq_w8a8"] > sizes["qat_w4a4_kd"] > sizes["qat_w2a2_kd"]
-    assert sizes["student"] > sizes["student_w4_kd"]
+    assert [row["name"] for row in rows] == EXPLORER_RUNS
+    size = {row["name"]: row["checkpoint_bytes"] for row in rows}
+    assert size["teacher"] > size["ptq_w8a8"] > size["qat_w4a4_kd"] > size["qat_w2a2_kd"]
+    assert size["student"] > size["student_w4_kd"]
     accuracies = _accuracies(nb)
-    assert sorted(accuracies) == sorted(names)
+    assert sorted(accuracies) == sorted(EXPLORER_RUNS)
     assert all(0.1 < accuracy <= 1.0 for accuracy in accuracies.values()), accuracies

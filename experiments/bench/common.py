@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+import kdq
 from kdq.data import eval_batches, load_dataset, train_batches
 from kdq.quant import QuantRecipe, QuantSpec
 
@@ -212,6 +214,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def kdq_commit() -> str | None:
+    """The git commit of the kdq checkout measured ('+' when kdq/ has local changes)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kdq.__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--", "kdq"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+" if changes else "")
+
+
 def versions() -> dict[str, str | None]:
     """Python and the versions of the libraries measured (None when not installed)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
@@ -220,6 +241,7 @@ def versions() -> dict[str, str | None]:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
+    found["kdq_commit"] = kdq_commit()
     return found
 
 

@@ -21,8 +21,9 @@ Edge cases, by design:
   * Non-finite input (NaN, +-inf) has no quantized value. Outside `jit`,
     `calibrate`, `quantize` and `fake_quant` raise `ValueError`. Under `jit`
     (where values cannot be inspected) the scale of every group containing a
-    non-finite value is NaN, so dequantized values of that group are NaN:
-    non-finite input is never silently turned into finite numbers.
+    non-finite value is NaN, so dequantized values of that group are NaN;
+    `fake_quant` with a given scale returns NaN where x is non-finite.
+    Non-finite input is never silently turned into finite numbers.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from jax.typing import ArrayLike
 
 from kdq.quant.qarray import QArray
 from kdq.quant.spec import QuantSpec
-from kdq.quant.ste import clipped_straight_through
+from kdq.quant.ste import clipped_straight_through, straight_through
 
 _MSE_RATIOS = np.arange(1, 101, dtype=np.float32) / np.float32(100)
 _SMALLEST_SCALE = float(np.finfo(np.float32).tiny)
@@ -172,7 +173,8 @@ def _range(x: jax.Array, spec: QuantSpec, target: tuple[int, ...]) -> tuple[jax.
     """Calibrated range [lo, hi] per scale group, widened to contain 0."""
     method, p = spec.calibration_method, spec.percentile
     if spec.symmetric:
-        magnitude = jnp.abs(x) if spec.signed else jnp.maximum(x, 0.0)
+        # Unsigned: negatives clip to 0; x * 0 keeps -inf (and NaN) visible as NaN.
+        magnitude = jnp.abs(x) if spec.signed else jnp.where(x > 0, x, x * 0.0)
         if method == "percentile":
             hi = _reduce(magnitude, target, jnp.percentile, q=p)
         else:
@@ -250,11 +252,17 @@ def _calibrate(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | No
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
     target = scale_shape(x.shape, spec)
     lo, hi = _range(x, spec, target)
+    if spec.calibration_method == "percentile":
+        # A percentile can be finite while its group holds inf: check the group.
+        finite = _reduce(jnp.isfinite(x), target, jnp.all)
+    else:
+        # max / min see every value: a non-finite value makes the range non-finite.
+        finite = jnp.isfinite(lo) & jnp.isfinite(hi)
     if spec.calibration_method == "mse":
         ratio = _mse_clip_ratio(x, lo, hi, spec, target)
         lo, hi = lo * ratio, hi * ratio
     scale, zero_point = _scale_and_zero_point(lo, hi, spec)
-    scale = _poison_non_finite(x, scale)
+    scale = jnp.where(finite, scale, jnp.nan)
     if zero_point is not None:
         zero_point = zero_point.astype(spec.dtype)
     return scale, zero_point
@@ -386,12 +394,30 @@ def dequantize(q: QArray) -> jax.Array:
 
 @partial(jax.jit, static_argnums=1)
 def _fake_quant(x, spec, scale, zero_point, key) -> jax.Array:
-    q = _quantize(x, spec, scale, zero_point, key)
-    full_scale = _expand(q.scale, x.shape)
-    zero = 0.0 if q.zero_point is None else _expand(q.zero_point, x.shape).astype(jnp.float32)
+    given = scale is not None
+    if not given:
+        scale, zero_point = _calibrate(x, spec)
+    scale = jax.lax.stop_gradient(scale)
+    full_scale = _expand(scale, x.shape)
+    zero = 0.0 if zero_point is None else _expand(zero_point, x.shape).astype(jnp.float32)
+    noise = None
+    if spec.rounding == "stochastic":
+        noise = jax.random.uniform(key, x.shape, jnp.float32)
+    # The integers stay in float32 (exact for <= 16 bits): no round trip through
+    # the integer dtype. Non-finite inputs give NaN, never a finite value.
+    q = _quantize_values(
+        x.astype(jnp.float32), full_scale, None if zero_point is None else zero, spec, noise
+    )
+    x_hat = jnp.where(jnp.isfinite(x), (q - zero) * full_scale, jnp.nan).astype(x.dtype)
+    data_covers_range = spec.calibration_method in ("absmax", "minmax") and (
+        spec.signed or not spec.symmetric
+    )
+    if not given and data_covers_range:
+        # A range from max |x| or [min x, max x] holds every x: nothing clips.
+        return straight_through(x, x_hat)
     lower = (spec.qmin - zero) * full_scale
     upper = (spec.qmax - zero) * full_scale
-    return clipped_straight_through(x, _dequantize(q).astype(x.dtype), lower, upper)
+    return clipped_straight_through(x, x_hat, lower, upper)
 
 
 def fake_quant(

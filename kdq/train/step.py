@@ -121,12 +121,12 @@ def make_train_step(
         (loss, (logits, metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.trainable
         )
-        new_state = state.apply_gradients(grads, tx).replace(model_state=model_state)
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
-        )
-        new_state = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(finite, new, old), new_state, state
+        # One reduction: the global norm is finite iff every gradient entry is.
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        new_state = jax.lax.cond(
+            finite,
+            lambda: state.apply_gradients(grads, tx).replace(model_state=model_state),
+            lambda: state,
         )
         metrics = {
             **metrics,
