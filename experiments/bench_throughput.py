@@ -8,7 +8,7 @@ not depend on trained weights), objective, quantization recipe and optimizer
 exactly as `train_and_evaluate` does, feeds one synthetic batch of the
 dataset's shape (no input pipeline in the measurement), and reports
 examples/s as the median over repeated timed windows after warm-up, with the
-compile time and the device. `--config.model.options.dtype=bfloat16` measures
+compile time and the device. `--config.model.dtype=bfloat16` measures
 bf16 compute.
 """
 
@@ -24,10 +24,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kdq.distill import Objective, apply_with_taps
-from kdq.models import create_model
 from kdq.quant import init_quant_params
 from kdq.sharding import make_mesh, shard_batch, tree_shardings
 from kdq.train import TrainState, make_optimizer, make_train_step, quant_recipe
+from kdq.train.config import build_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -59,7 +59,7 @@ def build(config, batch_size):
         "image": rng.uniform(size=(batch_size, height, width, channels)).astype(np.float32),
         "label": rng.integers(0, classes, size=batch_size).astype(np.int32),
     }
-    student = create_model(config.model.name, num_classes=classes, **config.model.options)
+    student = build_model(config.model, classes)
     objective = Objective.from_config(config.losses.to_dict())
     recipe = quant_recipe(config)
     tx = make_optimizer(config)
@@ -70,7 +70,7 @@ def build(config, batch_size):
     )
     teacher, teacher_variables, distill_params = None, None, {}
     if objective.needs_teacher:
-        teacher = create_model(config.teacher.name, num_classes=classes, **config.teacher.options)
+        teacher = build_model(config.teacher, classes)
         teacher_variables = teacher.init(jax.random.PRNGKey(1), batch["image"])
         _, s_feat, _ = jax.eval_shape(
             lambda v: apply_with_taps(student, v, batch["image"], taps=objective.student_taps),
@@ -117,7 +117,7 @@ def main(argv):
         "batch_size": _BATCH.value,
         "weight_bits": config.quant.weight_bits or 32,
         "act_bits": config.quant.act_bits or 32,
-        "dtype": str(config.model.options.get("dtype", "float32")),
+        "dtype": config.model.dtype or "float32",
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "host": platform.node(),

@@ -25,9 +25,9 @@ import optax
 from experiments.bench import common
 from experiments.configs import digits_kd
 from kdq.distill.objective import Objective
-from kdq.models import create_model
 from kdq.quant import init_quant_params
 from kdq.train import TrainState, make_train_step
+from kdq.train.config import build_model
 from kdq.train.step import FLOAT
 
 NAME = "distill_overhead"
@@ -39,8 +39,8 @@ LIMIT = 1.1
 def kd_models():
     """(student, teacher, KD objective) of the digits KD config."""
     config = digits_kd.get_config()
-    student = create_model(config.model.name, num_classes=10, **config.model.options)
-    teacher = create_model(config.teacher.name, num_classes=10, **config.teacher.options)
+    student = build_model(config.model, 10)
+    teacher = build_model(config.teacher, 10)
     return student, teacher, Objective.from_config(config.losses.to_dict())
 
 

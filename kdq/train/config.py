@@ -7,8 +7,10 @@ e.g. `--config.seed=1 --config.quant.weight_bits=2`.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import ml_collections
 
+from kdq.models import create_model
 from kdq.prune import PruneSpec, one_shot_schedule, polynomial_schedule
 from kdq.quant import QuantSpec
 from kdq.quant.recipe import QuantRecipe
@@ -26,9 +28,13 @@ def default_config() -> ml_collections.ConfigDict:
     # "" means $KDQ_DATA_DIR or ~/.cache/kdq/tensorflow_datasets.
     config.data_dir = ""
 
-    config.model = ml_collections.ConfigDict({"name": "mlp", "options": {}})
+    # A model: its registered name, its options, and its computation dtype
+    # ("" keeps the model's default; e.g. "bfloat16" on GPU/TPU).
+    config.model = ml_collections.ConfigDict({"name": "mlp", "options": {}, "dtype": ""})
     # The teacher: its model and the workdir of the run that trained it.
-    config.teacher = ml_collections.ConfigDict({"name": "", "options": {}, "workdir": ""})
+    config.teacher = ml_collections.ConfigDict(
+        {"name": "", "options": {}, "dtype": "", "workdir": ""}
+    )
 
     # Objective: {term name: {"weight": w, **loss options}}; see kdq.distill.objective.
     config.losses = ml_collections.ConfigDict({"ce": {"weight": 1.0}})
@@ -117,6 +123,22 @@ def default_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.progress = True
     return config
+
+
+def build_model(section: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The model a config section ({"name", "options", "dtype"}) describes.
+
+    Args:
+      section: `config.model` or `config.teacher`.
+      num_classes: number of output logits.
+
+    Returns:
+      The unbound Linen model.
+    """
+    options = section.options.to_dict()
+    if section.dtype:
+        options["dtype"] = section.dtype
+    return create_model(section.name, num_classes=num_classes, **options)
 
 
 def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:

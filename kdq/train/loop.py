@@ -35,7 +35,7 @@ from kdq.data import (
 )
 from kdq.distill.objective import Objective
 from kdq.distill.taps import apply_with_taps
-from kdq.models import count_params, create_model
+from kdq.models import count_params
 from kdq.prune import masked_pruning, sparsity_of
 from kdq.quant import QArray, dequantize_tree
 from kdq.quant.integer import integer_apply, to_quantized_model
@@ -139,9 +139,7 @@ def load_teacher(config: ml_collections.ConfigDict, dataset: Dataset):
             f"config.teacher.workdir are not both set (got name={teacher_config.name!r}, "
             f"workdir={teacher_config.workdir!r})"
         )
-    teacher = create_model(
-        teacher_config.name, num_classes=dataset.num_classes, **teacher_config.options
-    )
+    teacher = config_lib.build_model(teacher_config, dataset.num_classes)
     dummy = jnp.zeros((1, *dataset.image_shape), jnp.float32)
     template = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), dummy)
     return teacher, checkpoint.load_float_variables(teacher_config.workdir, template)
@@ -397,9 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     objective = Objective.from_config(config.losses.to_dict())
     recipe = config_lib.quant_recipe(config)
-    student = create_model(
-        config.model.name, num_classes=dataset.num_classes, **config.model.options
-    )
+    student = config_lib.build_model(config.model, dataset.num_classes)
     teacher, teacher_variables = None, None
     if objective.needs_teacher and config.mode == "train":
         teacher, teacher_variables = load_teacher(config, dataset)
