@@ -11,12 +11,11 @@ from kdq.distill.losses import (
     rkd_loss,
     similarity_preserving_loss,
 )
-from kdq.distill.objective import FEATURE_LOSSES, KINDS, LOGIT_LOSSES, Objective, Term
+from kdq.distill.objective import FEATURE_LOSSES, LOGIT_LOSSES, Objective, Term, loss_kinds
 from kdq.distill.taps import apply_with_taps, module_paths
 
 __all__ = [
     "FEATURE_LOSSES",
-    "KINDS",
     "LOGIT_LOSSES",
     "Objective",
     "Term",
@@ -26,6 +25,7 @@ __all__ = [
     "fitnets_loss",
     "init_projection",
     "kd_loss",
+    "loss_kinds",
     "module_paths",
     "pkt_loss",
     "project",

@@ -55,7 +55,15 @@ FEATURE_LOSSES: dict[str, Callable[..., jax.Array]] = {
     "pkt": losses.pkt_loss,
     "sp": losses.similarity_preserving_loss,
 }
-KINDS = (*LOGIT_LOSSES, *FEATURE_LOSSES)
+
+
+def loss_kinds() -> tuple[str, ...]:
+    """The registered term kinds (a loss added to either registry is one).
+
+    Returns:
+      The names in `LOGIT_LOSSES` and `FEATURE_LOSSES`.
+    """
+    return (*LOGIT_LOSSES, *FEATURE_LOSSES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +72,7 @@ class Term:
 
     Attributes:
       name: the term's key in the objective mapping (used in metrics).
-      kind: one of `KINDS`.
+      kind: one of `loss_kinds()`.
       weight: its weight w_i.
       options: keyword arguments for the loss function.
       student_tap, teacher_tap: feature tap regexes (feature terms only).
@@ -81,9 +89,9 @@ class Term:
 def _parse_term(name: str, fields: Mapping[str, Any]) -> Term:
     fields = dict(fields)
     kind = fields.pop("kind", name)
-    if kind not in KINDS:
+    if kind not in loss_kinds():
         raise ValueError(
-            f"loss term {name!r} has unknown kind={kind!r}; known kinds: {list(KINDS)} "
+            f"loss term {name!r} has unknown kind={kind!r}; known kinds: {list(loss_kinds())} "
             "(set 'kind' when the term's name is not a kind)"
         )
     weight = fields.pop("weight", 1.0)

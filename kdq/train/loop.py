@@ -161,7 +161,7 @@ def _init_state(config, student, teacher, teacher_variables, objective, recipe, 
     key = jax.random.PRNGKey(config.seed)
     init_key, distill_key, run_key = jax.random.split(key, 3)
     dummy = jnp.zeros((config.batch_size, *dataset.image_shape), jnp.float32)
-    variables = dict(student.init(init_key, dummy))
+    variables = dict(jax.jit(student.init)(init_key, dummy))
     if config.init_from:
         variables = checkpoint.load_float_variables(config.init_from, variables)
     params = variables.pop("params")
