@@ -11,10 +11,11 @@ HobbitLong/RepDistiller `train_student.py`): a FitNets hint (Romero et al.
 2015) of weight 100 (`--distill hint -b 100`, the mean squared error over
 the teacher feature), combined with KD as RepDistiller combines a feature
 objective with KD (`-a 1`: weight 1, T = 4) and cross-entropy of weight 1
-(`-r 1`). The hint joins the outputs of "layer3" of both networks, the
-middle of the network as in RepDistiller's default hint layer, at the same
-resolution: student (B, 8, 8, 256), teacher (B, 8, 8, 1024). Differences
-from RepDistiller: its regressor is a 3x3 conv + BN + ReLU, kdq's FitNets
+(`-r 1`). The hint is the output of "layer3", the third of four stages, in
+both networks: a middle layer as in FitNets, at a resolution the two share,
+student (B, 8, 8, 256) and teacher (B, 8, 8, 1024). RepDistiller's default
+hint is one stage earlier (`--hint_layer 2`). Other differences from
+RepDistiller: its regressor is a 3x3 conv + BN + ReLU, kdq's FitNets
 regressor is a learned 1x1 projection (256 -> 1024 channels); FitNets' first
 stage (hint-only pre-training of the lower student layers) is not run, as
 in RepDistiller.

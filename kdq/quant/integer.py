@@ -25,7 +25,8 @@ of its quantizer, so logits then differ by up to one quantization step of
 that layer; predictions agree (tested on the digits test set).
 
 Integer operands are int8 when both ranges fit in int8 (signed <= 8 bits,
-unsigned <= 7 bits), otherwise int16. The integer path needs zero-point-free
+unsigned <= 7 bits), otherwise int16 (CPU and TPU only: GPU integer
+convolutions take int8). The integer path needs zero-point-free
 (symmetric) quantizers and per-tensor or per-output-channel weight scales;
 anything else raises a ValueError saying so (use `fake_quant_apply`).
 """
@@ -235,6 +236,13 @@ def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kern
         )
 
 
+def _conv_accumulator_dtype() -> jnp.dtype:
+    """int32, except on GPUs, whose int8 convolutions (cuDNN) accumulate in
+    int32 internally but can only return float32: the same integer sums,
+    converted to float32 there instead of by the rescale."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "gpu" else jnp.int32)
+
+
 def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
     """Linen Conv padding ('SAME', 'VALID', int, or (low, high) pairs) in lax's form."""
     if isinstance(padding, str):
@@ -271,7 +279,7 @@ def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: ja
             rhs_dilation=dilation(module.kernel_dilation),
             dimension_numbers=numbers,
             feature_group_count=module.feature_group_count,
-            preferred_element_type=jnp.int32,
+            preferred_element_type=_conv_accumulator_dtype(),
         )
     else:
         accumulator = lax.dot_general(

@@ -409,12 +409,12 @@ def _fake_quant(x, spec, scale, zero_point, key) -> jax.Array:
         x.astype(jnp.float32), full_scale, None if zero_point is None else zero, spec, noise
     )
     x_hat = jnp.where(jnp.isfinite(x), (q - zero) * full_scale, jnp.nan).astype(x.dtype)
-    data_covers_range = spec.calibration_method in ("absmax", "minmax") and (
-        spec.signed or not spec.symmetric
-    )
-    if not given and data_covers_range:
-        # A range from max |x| or [min x, max x] holds every x: nothing clips.
-        return straight_through(x, x_hat)
+    if not given and spec.calibration_method in ("absmax", "minmax"):
+        # The range comes from max |x| or [min x, max x]: it holds every x (up to
+        # rounding of the scale), so only an unsigned quantizer's 0 clips.
+        if spec.signed or not spec.symmetric:
+            return straight_through(x, x_hat)
+        return clipped_straight_through(x, x_hat, 0.0, jnp.inf)
     lower = (spec.qmin - zero) * full_scale
     upper = (spec.qmax - zero) * full_scale
     return clipped_straight_through(x, x_hat, lower, upper)
@@ -432,7 +432,9 @@ def fake_quant(
 
     Forward: x_hat = (clip(round(x / s) + z, qmin, qmax) - z) * s.
     Backward: d x_hat / d x = 1 where (qmin - z) s <= x <= (qmax - z) s, else 0.
-    The scale is treated as a constant (no gradient through calibration).
+    (A range calibrated by absmax / minmax holds every x, so there only an
+    unsigned quantizer's lower bound 0 clips.) The scale is treated as a
+    constant (no gradient through calibration).
 
     Args:
       x: array to fake-quantize.

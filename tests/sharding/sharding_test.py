@@ -26,6 +26,7 @@ def test_eight_devices_match_one_device(tmp_path):
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.path.abspath(root),
     }
     result = subprocess.run(

@@ -16,7 +16,7 @@ mobilenet_v3_large; the other two models' arguments are checked as configs.
 import json
 import math
 
-import jax
+import flax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -83,7 +83,7 @@ def _small(config):
 def float_run(tmp_path_factory):
     """`float_run("<dataset>,<model>")`: (workdir, report) of that catalog_teacher run, trained once.
 
-    The whole module runs inside its mock-data context: mock examples are
+    The tests that use it run inside its mock-data context: mock examples are
     generated on the fly, so a teacher and its students must share one.
     """
     runs = {}
@@ -232,8 +232,12 @@ def test_imagenet_mobilenet_v3_int8_qat(arg, float_run, tmp_path):
     train = _train_metrics(tmp_path)
     if config.teacher.workdir:
         assert all(math.isfinite(r["train/loss/kd"]) for r in train)
-    steps = jax.tree_util.tree_leaves(_final_state(tmp_path)["quant_params"]["activations"])
-    assert steps and all(np.all(np.isfinite(s)) and np.all(s > 0) for s in steps)
+    # One learned LSQ step per quantized layer input.
+    steps = flax.traverse_util.flatten_dict(
+        _final_state(tmp_path)["quant_params"]["activations"], sep="/"
+    )
+    assert "stem/conv/step" in steps and "fc/step" in steps
+    assert all(np.isfinite(step) for step in steps.values())
 
 
 @pytest.mark.parametrize("model", imagenet_mobilenet_v3_int8.MODELS)
