@@ -236,11 +236,21 @@ def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kern
         )
 
 
-def _conv_accumulator_dtype() -> jnp.dtype:
-    """int32, except on GPUs, whose int8 convolutions (cuDNN) accumulate in
-    int32 internally but can only return float32: the same integer sums,
-    converted to float32 there instead of by the rescale."""
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "gpu" else jnp.int32)
+def _conv_operands(q_x: jax.Array, q_w: jax.Array, groups: int):
+    """Operand and accumulator dtypes of an integer convolution on this backend.
+
+    CPU / TPU: integer operands, int32 accumulator. GPU (cuDNN): int8 operands
+    are accumulated in int32 internally but returned as float32 (the same
+    integer sums, converted to float32 there rather than by the rescale);
+    grouped (depthwise) convolutions run on the integer values held in float32
+    operands, exact while every sum stays below 2^24 (int8 x int8 products,
+    fewer than 1024 terms).
+    """
+    if jax.default_backend() != "gpu":
+        return q_x, q_w, jnp.int32
+    if groups > 1:
+        return q_x.astype(jnp.float32), q_w.astype(jnp.float32), jnp.float32
+    return q_x, q_w, jnp.float32
 
 
 def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
@@ -270,6 +280,7 @@ def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: ja
             rhs_spec=(spatial + 1, spatial, *range(spatial)),
             out_spec=(0, spatial + 1, *range(1, spatial + 1)),
         )
+        q_x, q_w, accumulator_dtype = _conv_operands(q_x, q_w, module.feature_group_count)
         accumulator = lax.conv_general_dilated(
             q_x,
             q_w,
@@ -279,7 +290,7 @@ def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: ja
             rhs_dilation=dilation(module.kernel_dilation),
             dimension_numbers=numbers,
             feature_group_count=module.feature_group_count,
-            preferred_element_type=_conv_accumulator_dtype(),
+            preferred_element_type=accumulator_dtype,
         )
     else:
         accumulator = lax.dot_general(

@@ -27,7 +27,9 @@ def test_eight_devices_match_one_device(tmp_path):
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.path.abspath(root),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [os.path.abspath(root), os.environ.get("PYTHONPATH")])
+        ),
     }
     result = subprocess.run(
         [sys.executable, script, str(tmp_path)],
