@@ -25,8 +25,8 @@ of its quantizer, so logits then differ by up to one quantization step of
 that layer; predictions agree (tested on the digits test set).
 
 Integer operands are int8 when both ranges fit in int8 (signed <= 8 bits,
-unsigned <= 7 bits), otherwise int16 (CPU and TPU only: GPU integer
-convolutions take int8). The integer path needs zero-point-free
+unsigned <= 7 bits), otherwise int16. On GPUs, convolutions run on the
+integer values in float32 operands (exact; see `_conv_operands`). The integer path needs zero-point-free
 (symmetric) quantizers and per-tensor or per-output-channel weight scales;
 anything else raises a ValueError saying so (use `fake_quant_apply`).
 """
@@ -236,21 +236,19 @@ def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kern
         )
 
 
-def _conv_operands(q_x: jax.Array, q_w: jax.Array, groups: int):
-    """Operand and accumulator dtypes of an integer convolution on this backend.
+def _conv_operands(q_x: jax.Array, q_w: jax.Array):
+    """Operands and accumulator dtype of an integer convolution on this backend.
 
-    CPU / TPU: integer operands, int32 accumulator. GPU (cuDNN): int8 operands
-    are accumulated in int32 internally but returned as float32 (the same
-    integer sums, converted to float32 there rather than by the rescale);
-    grouped (depthwise) convolutions run on the integer values held in float32
-    operands, exact while every sum stays below 2^24 (int8 x int8 products,
-    fewer than 1024 terms).
+    CPU / TPU: the integer operands, accumulated in int32. GPU: the integer
+    values held in float32 operands, accumulated in float32, which is exact
+    while every partial sum stays below 2^24 (int8 x int8 products: fewer than
+    1024 terms). XLA's cuDNN int8 convolutions return float32 only, and in
+    our tests on an H200 they gave wrong sums (twice the exact ones in a
+    ResNet-8), so kdq does not use them.
     """
-    if jax.default_backend() != "gpu":
-        return q_x, q_w, jnp.int32
-    if groups > 1:
+    if jax.default_backend() == "gpu":
         return q_x.astype(jnp.float32), q_w.astype(jnp.float32), jnp.float32
-    return q_x, q_w, jnp.float32
+    return q_x, q_w, jnp.int32
 
 
 def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
@@ -280,7 +278,7 @@ def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: ja
             rhs_spec=(spatial + 1, spatial, *range(spatial)),
             out_spec=(0, spatial + 1, *range(1, spatial + 1)),
         )
-        q_x, q_w, accumulator_dtype = _conv_operands(q_x, q_w, module.feature_group_count)
+        q_x, q_w, accumulator_dtype = _conv_operands(q_x, q_w)
         accumulator = lax.conv_general_dilated(
             q_x,
             q_w,
