@@ -409,8 +409,12 @@ def test_jit_and_eager_calibrations_agree_bitwise():
     expected = np.float32(4137.3926) / np.float32(127)
     eager = np.asarray(calibrate(x, spec)[0])
     jitted = np.asarray(jax.jit(calibrate, static_argnames="spec")(x, spec)[0])
-    np.testing.assert_array_equal(eager, [[expected]])
     np.testing.assert_array_equal(jitted, eager)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(eager, [[expected]])
+    else:
+        # GPU float32 division is correctly rounded only to within 1 ulp.
+        np.testing.assert_array_max_ulp(eager, np.array([[expected]]), maxulp=1)
 
 
 @pytest.mark.parametrize("magnitude", [1.0, 1e-20, 1e20])
