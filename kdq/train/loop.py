@@ -177,7 +177,9 @@ def _init_state(config, student, teacher, teacher_variables, objective, recipe, 
     distill_params = {}
     if objective.needs_teacher:
         _, student_features, _ = jax.eval_shape(
-            lambda p, x: apply_with_taps(student, {"params": p}, x, taps=objective.student_taps),
+            lambda p, x: apply_with_taps(
+                student, {"params": p, **variables}, x, taps=objective.student_taps
+            ),
             params,
             dummy,
         )

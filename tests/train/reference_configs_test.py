@@ -20,7 +20,6 @@ import flax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from flax.errors import ScopeCollectionNotFound
 
 from experiments.configs import (
     catalog_teacher,
@@ -43,15 +42,6 @@ SHALLOW = {
     "resnet50": {"stage_sizes": (1, 1, 1, 1)},
     "resnet32x4": {"depth": 8},
 }
-
-# kdq.train.loop._init_state traces the student with its params alone (no
-# BatchNorm statistics) to get the shapes of its features, so every
-# distillation run of a student with BatchNorm stops there.
-BATCH_NORM_STUDENT_BUG = pytest.mark.xfail(
-    raises=ScopeCollectionNotFound,
-    strict=True,
-    reason="kdq.train.loop._init_state applies the student without its batch_stats",
-)
 
 
 class ShallowMobileNetV3Large(MobileNetV3Large):
@@ -157,7 +147,6 @@ def test_catalog_teacher_covers_every_listed_pair():
         catalog_teacher.get_config("cifar10,mobilenet_v2")
 
 
-@BATCH_NORM_STUDENT_BUG
 def test_cifar10_resnet50_to_resnet18_features(float_run, tmp_path):
     teacher_dir, _ = float_run("cifar10,resnet50")
     config = _small(cifar10_resnet50_to_resnet18_features.get_config())
@@ -174,7 +163,6 @@ def test_cifar10_resnet50_to_resnet18_features(float_run, tmp_path):
     assert np.all(np.isfinite(projection["kernel"]))
 
 
-@BATCH_NORM_STUDENT_BUG
 @pytest.mark.parametrize("arg", ["kd", "dkd"])
 def test_cifar100_resnet32x4_to_resnet8x4(arg, float_run, tmp_path):
     teacher_dir, _ = float_run("cifar100,resnet32x4")
@@ -185,7 +173,6 @@ def test_cifar100_resnet32x4_to_resnet8x4(arg, float_run, tmp_path):
     assert all(math.isfinite(r[f"train/loss/{arg}"]) for r in _train_metrics(tmp_path))
 
 
-@BATCH_NORM_STUDENT_BUG
 def test_imagenet_resnet34_to_resnet18(float_run, tmp_path):
     teacher_dir, _ = float_run("imagenet2012,resnet34")
     config = _small(imagenet_resnet34_to_resnet18.get_config())
@@ -217,7 +204,7 @@ def test_imagenet_mobilenet_v3_int8_ptq(float_run, tmp_path):
     "arg",
     [
         "mobilenet_v3_large,qat",
-        pytest.param("mobilenet_v3_large,qat,kd", marks=BATCH_NORM_STUDENT_BUG),
+        "mobilenet_v3_large,qat,kd",
     ],
 )
 def test_imagenet_mobilenet_v3_int8_qat(arg, float_run, tmp_path):
