@@ -264,6 +264,18 @@ def parser(
     return p
 
 
+def sampling_settings(args) -> dict[str, Any]:
+    """The sampling options every benchmark records in its JSON.
+
+    Args:
+      args: the parsed command line (from `parser`).
+
+    Returns:
+      {"repeats", "warmup", "min_sample_s"}.
+    """
+    return {"repeats": args.repeats, "warmup": args.warmup, "min_sample_s": args.min_sample_s}
+
+
 def report(
     name: str,
     description: str,

@@ -124,9 +124,7 @@ def main(argv=None) -> dict:
     )
     print(common.goals_table(goals))
     settings = {
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "min_sample_s": args.min_sample_s,
+        **common.sampling_settings(args),
         "batch_size": common.BATCH_SIZE,
         "optimizer": "adam(1e-3)",
         "config": "experiments.configs.digits_kd",

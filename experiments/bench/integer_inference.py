@@ -91,9 +91,7 @@ def main(argv=None) -> dict:
     print(common.table(headers, lines))
     print(common.goals_table(goals))
     settings = {
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "min_sample_s": args.min_sample_s,
+        **common.sampling_settings(args),
         "batches": BATCHES,
         "calibration_batches": CALIBRATION_BATCHES,
         "recipes": {mode: recipe(mode).to_json() for mode in MODES},

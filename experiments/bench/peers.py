@@ -336,9 +336,7 @@ def main(argv=None) -> dict:
     )
     print(common.goals_table(goals))
     settings = {
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "min_sample_s": args.min_sample_s,
+        **common.sampling_settings(args),
         "batch_size": common.BATCH_SIZE,
         "optimizer": f"adam({LEARNING_RATE})",
         "steps": args.steps,

@@ -91,9 +91,7 @@ def main(argv=None) -> dict:
     print(common.table(["model", "config", "step ms", "x float"], lines))
     print(common.goals_table(goals))
     settings = {
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "min_sample_s": args.min_sample_s,
+        **common.sampling_settings(args),
         "batch_size": common.BATCH_SIZE,
         "optimizer": "adam(1e-3)",
         "models": {name: "kdq.models.create_model(name, num_classes=10)" for name in MODELS},
