@@ -22,6 +22,12 @@ CELL_TIMEOUT_S = 300
 INTERPRETER_PROBE = "import sys\nprint(sys.prefix)\nprint(sys.executable)"
 DISTILLATION_RUNS = ["teacher", "student", "student_kd", "student_dist"]
 EXPLORER_RUNS = ["teacher", "ptq_w8a8", "qat_w4a4_kd", "qat_w2a2_kd", "student", "student_w4_kd"]
+# Digits has 10 classes (chance 0.1). At STEPS = 40 the runs measured 0.54-0.74 test
+# accuracy (the weakest: student_dist 0.54, student_w4_kd 0.57); a run that does not
+# learn stays near 0.1.
+MIN_ACCURACY = 0.4
+# Post-training int8 quantization measured 0.3 points below its float model.
+MAX_PTQ_W8A8_DROP = 0.05
 
 
 def _read(name):
@@ -100,8 +106,7 @@ def test_distillation_prototype_notebook_runs(tmp_path, monkeypatch):
         assert [row["name"] for row in json.load(f)] == DISTILLATION_RUNS
     accuracies = _accuracies(nb)
     assert sorted(accuracies) == sorted(DISTILLATION_RUNS)
-    # 10 classes: even a few dozen steps are well above chance (0.1).
-    assert all(0.2 < accuracy <= 1.0 for accuracy in accuracies.values()), accuracies
+    assert all(MIN_ACCURACY < accuracy <= 1.0 for accuracy in accuracies.values()), accuracies
     metrics = (workdir / "student_dist_seed0" / "metrics.jsonl").read_text()
     assert '"train/loss/dist"' in metrics
 
@@ -126,9 +131,10 @@ def test_quantization_explorer_notebook_runs(tmp_path, monkeypatch):
     with open(workdir / "report.json") as f:
         rows = json.load(f)["runs"]
     assert [row["name"] for row in rows] == EXPLORER_RUNS
-    size = {row["name"]: row["checkpoint_bytes"] for row in rows}
+    size = {row["name"]: row["payload_bytes"] for row in rows}
     assert size["teacher"] > size["ptq_w8a8"] > size["qat_w4a4_kd"] > size["qat_w2a2_kd"]
     assert size["student"] > size["student_w4_kd"]
     accuracies = _accuracies(nb)
     assert sorted(accuracies) == sorted(EXPLORER_RUNS)
-    assert all(0.1 < accuracy <= 1.0 for accuracy in accuracies.values()), accuracies
+    assert all(MIN_ACCURACY < accuracy <= 1.0 for accuracy in accuracies.values()), accuracies
+    assert accuracies["ptq_w8a8"] >= accuracies["teacher"] - MAX_PTQ_W8A8_DROP, accuracies

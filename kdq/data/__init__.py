@@ -9,7 +9,14 @@ from kdq.data.catalog import (
     default_augment,
     prepare_command,
 )
-from kdq.data.core import Dataset, Example, ExampleSource, check_mean_std, default_data_dir
+from kdq.data.core import (
+    Dataset,
+    Example,
+    ExampleSource,
+    check_label,
+    check_mean_std,
+    default_data_dir,
+)
 from kdq.data.digits import load_digits
 from kdq.data.geometry import resize_and_center_crop, resize_bilinear, sample_inception_box
 from kdq.data.load import load_dataset
@@ -28,6 +35,7 @@ __all__ = [
     "ExampleSource",
     "RandomAugment",
     "TfdsSource",
+    "check_label",
     "check_mean_std",
     "default_augment",
     "default_data_dir",

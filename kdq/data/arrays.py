@@ -25,10 +25,13 @@ def _check_images(split: str, images: np.ndarray) -> np.ndarray:
     if np.issubdtype(images.dtype, np.complexfloating):
         raise ValueError(f"{split} images must be real, got dtype {images.dtype}")
     if np.issubdtype(images.dtype, np.floating):
-        if np.isnan(images).any():
-            raise ValueError(f"{split} images contain NaN")
-        if np.isinf(images).any():
-            raise ValueError(f"{split} images contain inf")
+        for word, bad in (("NaN", np.isnan), ("inf", np.isinf)):
+            examples = np.flatnonzero(bad(images).any(axis=(1, 2, 3)))
+            if examples.size:
+                raise ValueError(
+                    f"{split} images contain {word} (first in example {examples[0]}); "
+                    "replace or drop those examples"
+                )
     return images
 
 
@@ -47,6 +50,7 @@ def _check_labels(split: str, labels: np.ndarray, num_images: int) -> np.ndarray
 def from_arrays(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
     *,
     num_classes: int | None = None,
     name: str = "arrays",
@@ -61,7 +65,12 @@ def from_arrays(
             (N, H, W, C) or (N, H, W) (a channel axis is added), labels of shape
             (N,) with integer dtype.
         test: (images, labels) of the evaluation split, same image shape and dtype.
-        num_classes: Number of classes; defaults to the largest label plus one.
+        validation: (images, labels) of the validation split that recipes and
+            checkpoints are chosen on, same image shape and dtype; None (default)
+            leaves ``Dataset.validation`` None. kdq does not check that the
+            splits are disjoint.
+        num_classes: Number of classes; defaults to the largest label of any
+            split plus one.
         name: Name of the returned dataset.
         pixel_scale: Value images are divided by to map them to [0, 1]; defaults
             to 255 for uint8 images and 1 for every other dtype.
@@ -74,39 +83,64 @@ def from_arrays(
 
     Raises:
         ValueError: On a wrong shape or dtype, NaN or inf pixels, mismatched
-            splits, labels outside [0, num_classes), a non-positive pixel_scale,
-            or mean and std that are not both None or both valid per channel.
+            splits, labels outside [0, num_classes), a num_classes that is not a
+            positive integer, a non-positive pixel_scale, or mean and std that
+            are not both None or both valid per channel.
     """
-    train_images = _check_images("train", train[0])
-    test_images = _check_images("test", test[0])
-    train_labels = _check_labels("train", train[1], len(train_images))
-    test_labels = _check_labels("test", test[1], len(test_images))
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise ValueError(
-            f"train images have shape {train_images.shape[1:]} per example but test "
-            f"images {test_images.shape[1:]}"
-        )
-    if train_images.dtype != test_images.dtype:
-        raise ValueError(
-            f"train images have dtype {train_images.dtype} but test images {test_images.dtype}"
-        )
-    low = min(train_labels.min(), test_labels.min())
-    high = max(train_labels.max(), test_labels.max())
+    given = {"train": train, "test": test}
+    if validation is not None:
+        given["validation"] = validation
+    splits = {}
+    for split, arrays in given.items():
+        if not isinstance(arrays, (tuple, list)) or len(arrays) != 2:
+            raise ValueError(
+                f"{split} must be a pair (images, labels), got {type(arrays).__name__}"
+            )
+        images = _check_images(split, arrays[0])
+        splits[split] = (images, _check_labels(split, arrays[1], len(images)))
+    train_images = splits["train"][0]
+    for split, (images, _) in splits.items():
+        if images.shape[1:] != train_images.shape[1:]:
+            raise ValueError(
+                f"train images have shape {train_images.shape[1:]} per example but {split} "
+                f"images {images.shape[1:]}"
+            )
+        if images.dtype != train_images.dtype:
+            raise ValueError(
+                f"train images have dtype {train_images.dtype} but {split} images {images.dtype}"
+            )
     if num_classes is None:
-        num_classes = int(high) + 1
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), found values in [{low}, {high}]")
+        num_classes = max(int(labels.max()) for _, labels in splits.values()) + 1
+    elif (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 1
+    ):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = int(num_classes)
+    for split, (_, labels) in splits.items():
+        outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if outside.size:
+            index = int(outside[0])
+            raise ValueError(
+                f"{split} label {int(labels[index])} at index {index} is outside "
+                f"[0, {num_classes}) ({split} labels span [{labels.min()}, {labels.max()}]); "
+                "fix the labels or pass num_classes covering every class"
+            )
     if pixel_scale is None:
         pixel_scale = 255.0 if train_images.dtype == np.uint8 else 1.0
     if not pixel_scale > 0 or not np.isfinite(pixel_scale):
         raise ValueError(f"pixel_scale must be positive and finite, got {pixel_scale}")
+    sources = {
+        split: ArraySource(images, labels, num_classes=num_classes, split=f"{name} {split}")
+        for split, (images, labels) in splits.items()
+    }
     height, width, channels = train_images.shape[1:]
     return Dataset(
         name=name,
-        train=ArraySource(train_images, train_labels),
-        test=ArraySource(test_images, test_labels),
+        train=sources["train"],
+        test=sources["test"],
+        validation=sources.get("validation"),
         num_classes=num_classes,
         image_shape=(height, width, channels),
         pixel_scale=float(pixel_scale),

@@ -5,6 +5,15 @@ and never downloads anything. Preparing a catalog dataset is a separate,
 one-off step: TFDS's generation code and its ``tfds`` command line need
 TensorFlow, so it runs in any environment that has it and writes array_record
 files that this module then reads.
+
+Validation: a dataset's own "validation" split when TFDS has one and it is not
+the split used for testing; otherwise the last ``VALIDATION_PERCENT`` percent of
+the train split in its stored order (TFDS split slicing: ``train[:90%]`` trains,
+``train[90%:]`` validates; TFDS rounds the boundary to the closest example, so
+the two are disjoint and together hold the whole train split). TFDS stores a
+train split in a fixed, shuffled order, so the slice is the same on every
+preparation. Every CATALOG dataset, imagenet2012 included (its "validation" is
+its test split here), validates on such a slice.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from kdq.data.geometry import EVAL_CROP_FRACTION
 from kdq.data.sources import TfdsSource
 
 PIXEL_SCALE = 255.0
+VALIDATION_PERCENT = 10
+"""Percentage of the train split held out for validation when TFDS has no separate one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +40,9 @@ class CatalogEntry:
     Attributes:
         train_split: TFDS split used for training.
         test_split: TFDS split used for evaluation.
+        validation_split: TFDS split used for validation, distinct from
+            ``test_split``; None holds out the last ``VALIDATION_PERCENT`` percent
+            of ``train_split`` instead.
         image_size: Side of the square that images are resized and centre-cropped
             to when ``load_dataset`` gets no ``image_size``; None keeps the stored
             size, which must then be fixed.
@@ -41,6 +55,7 @@ class CatalogEntry:
 
     train_split: str = "train"
     test_split: str = "test"
+    validation_split: str | None = None
     image_size: int | None = None
     crop_fraction: float = 1.0
     mean: tuple[float, ...] | None = None
@@ -157,6 +172,40 @@ def _test_split(builder: tfds.core.DatasetBuilder) -> str:
     )
 
 
+def _validation_split(builder: tfds.core.DatasetBuilder, test_split: str) -> str | None:
+    if "validation" in builder.info.splits and test_split != "validation":
+        return "validation"
+    return None
+
+
+def _split_specs(entry: CatalogEntry) -> dict[str, str]:
+    """TFDS split specs of the train, validation and test splits, in that order."""
+    if entry.validation_split is not None:
+        train, validation = entry.train_split, entry.validation_split
+    else:
+        keep = 100 - VALIDATION_PERCENT
+        train = f"{entry.train_split}[:{keep}%]"
+        validation = f"{entry.train_split}[{keep}%:]"
+    return {"train": train, "validation": validation, "test": entry.test_split}
+
+
+def _missing_split_message(
+    name: str, builder: tfds.core.DatasetBuilder, data_dir: str, specs: dict[str, str]
+) -> str | None:
+    available = set(builder.info.splits)
+    needed = {role: spec.split("[")[0] for role, spec in specs.items()}
+    missing = {role: split for role, split in needed.items() if split not in available}
+    if not missing:
+        return None
+    wanted = ", ".join(f"{role} from {spec!r}" for role, spec in specs.items())
+    return (
+        f"Dataset {name!r} in data_dir {data_dir!r} has the splits "
+        f"{', '.join(sorted(available))}, but kdq reads {wanted}; "
+        f"{', '.join(sorted(set(missing.values())))} is not prepared. Prepare every "
+        f"split (after deleting {builder.data_dir}):\n    {prepare_command(name, data_dir)}"
+    )
+
+
 def _image_shape(
     name: str, builder: tfds.core.DatasetBuilder, image_size: int | None
 ) -> tuple[int, int, int]:
@@ -196,35 +245,68 @@ def load_catalog_dataset(
 
     Returns:
         A ``Dataset`` with uint8 images, ``pixel_scale`` 255 and, for ``CATALOG``
-        datasets, the standard ``mean`` and ``std``. Splits come from ``CATALOG``
-        when listed there, otherwise "train" and "test" (or "validation" when
-        there is no "test").
+        datasets, the standard ``mean`` and ``std``. Train and test splits come
+        from ``CATALOG`` when listed there, otherwise "train" and "test" (or
+        "validation" when there is no "test"); the validation split is chosen
+        as the module docstring says, and train loses the examples it holds.
 
     Raises:
-        ValueError: If TFDS does not know ``name`` or the dataset is not image
-            classification with fixed-size images.
+        ValueError: If TFDS does not know ``name``, the dataset is not image
+            classification with fixed-size images, or its train split is too
+            small to hold out a non-empty validation slice.
         DatasetNotPreparedError: If the dataset has no array_record files in
-            ``data_dir``; the message holds the command that prepares them.
+            ``data_dir``, or lacks a split kdq reads; the message holds the
+            command that prepares them.
     """
     data_dir = data_dir or default_data_dir()
     builder = _open_builder(name, data_dir)
-    entry = CATALOG.get(builder.name) or CatalogEntry(test_split=_test_split(builder))
+    entry = CATALOG.get(builder.name)
+    if entry is None:
+        test_split = _test_split(builder)
+        entry = CatalogEntry(
+            test_split=test_split, validation_split=_validation_split(builder, test_split)
+        )
     if image_size is None:
         image_size = entry.image_size
     image_shape = _image_shape(name, builder, image_size)
+    specs = _split_specs(entry)
+    if builder.info.splits:  # Read from a prepared copy's dataset_info.json.
+        missing = _missing_split_message(name, builder, data_dir, specs)
+        if missing is not None:
+            raise DatasetNotPreparedError(missing)
+        if builder.info.splits[specs["validation"]].num_examples == 0:
+            raise ValueError(
+                f"Dataset {name!r}: the validation split {specs['validation']!r} is empty, "
+                "so nothing could select a recipe or checkpoint; the training split "
+                f"{specs['train']!r} has {builder.info.splits[specs['train']].num_examples} "
+                "examples. Prepare a dataset with more training examples or a non-empty "
+                "validation split."
+            )
     try:
-        train, test = builder.as_data_source(split=[entry.train_split, entry.test_split])
+        records = builder.as_data_source(split=list(specs.values()))
     except (KeyError, ValueError, NotImplementedError) as err:
         if not builder.is_prepared():
             raise DatasetNotPreparedError(_not_prepared_message(name, builder, data_dir)) from None
         if isinstance(err, NotImplementedError):
             raise DatasetNotPreparedError(_wrong_format_message(name, builder, data_dir)) from None
         raise
+    num_classes = builder.info.features["label"].num_classes
+    train, validation, test = (
+        TfdsSource(
+            split_records,
+            image_size,
+            entry.crop_fraction,
+            num_classes=num_classes,
+            split=f"{name} {spec}",
+        )
+        for spec, split_records in zip(specs.values(), records, strict=True)
+    )
     return Dataset(
         name=name,
-        train=TfdsSource(train, image_size, entry.crop_fraction),
-        test=TfdsSource(test, image_size, entry.crop_fraction),
-        num_classes=builder.info.features["label"].num_classes,
+        train=train,
+        validation=validation,
+        test=test,
+        num_classes=num_classes,
         image_shape=image_shape,
         pixel_scale=PIXEL_SCALE,
         mean=entry.mean,

@@ -26,9 +26,11 @@ def load_dataset(
             resized (centre-cropped to a square first if it is not one).
 
     Returns:
-        The ``Dataset`` with random-access train and test sources and, for
-        mnist, fashion_mnist, cifar10, cifar100 and imagenet2012, the standard
-        per-channel ``mean`` and ``std``.
+        The ``Dataset`` with random-access train, validation and test sources
+        (digits: a stratified split, ``kdq.data.digits``; TFDS datasets: their
+        own validation split or the last 10% of train, ``kdq.data.catalog``)
+        and, for mnist, fashion_mnist, cifar10, cifar100 and imagenet2012, the
+        standard per-channel ``mean`` and ``std``.
 
     Raises:
         ValueError: If the name is unknown or not an image classification

@@ -7,36 +7,50 @@ from typing import Any
 
 import numpy as np
 
-from kdq.data.core import Example
+from kdq.data.core import Example, check_label
 from kdq.data.geometry import resize_and_center_crop
 
 
 class ArraySource:
-    """Examples backed by in-memory arrays.
+    """Examples backed by in-memory arrays; labels become Python ints after ``check_label``.
 
     Args:
         images: Array of shape (N, H, W, C).
         labels: Integer array of shape (N,).
+        num_classes: Number of classes, kept as ``num_classes``: the pipelines
+            check every label against it; None checks only that labels are
+            non-negative scalar integers.
+        split: Name of the split, kept as ``split`` for error messages.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        num_classes: int | None = None,
+        split: str = "arrays",
+    ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self._images = images
         self._labels = labels
+        self.num_classes = num_classes
+        self.split = split
 
     def __len__(self) -> int:
         return len(self._images)
 
     def __getitem__(self, index: int) -> Example:
-        return {"image": self._images[index], "label": int(self._labels[index])}
+        label = check_label(self._labels[index], self.num_classes, split=self.split, index=index)
+        return {"image": self._images[index], "label": label}
 
 
 class TfdsSource:
     """Examples from a TFDS random-access data source with image and label features.
 
     Extra features (e.g. "id") are dropped, grayscale images get a channel axis and
-    labels become Python ints.
+    labels become Python ints after ``check_label``.
 
     Args:
         records: A TFDS data source (``tfds.data_source`` / ``as_data_source``)
@@ -47,6 +61,11 @@ class TfdsSource:
         crop_fraction: Fraction of the resized shorter side the square keeps
             (0.875 is the standard ImageNet evaluation crop); used with
             ``image_size`` only.
+        num_classes: Number of classes, kept as ``num_classes``: the pipelines
+            check every label against it; None checks only that labels are
+            non-negative scalar integers.
+        split: Name of the split, e.g. "cifar10 train[:90%]", kept as ``split``
+            for error messages.
     """
 
     def __init__(
@@ -54,17 +73,22 @@ class TfdsSource:
         records: Sequence[Mapping[str, Any]],
         image_size: int | None = None,
         crop_fraction: float = 1.0,
+        *,
+        num_classes: int | None = None,
+        split: str = "tfds",
     ):
         if not 0 < crop_fraction <= 1:
             raise ValueError(f"crop_fraction must lie in (0, 1], got {crop_fraction}")
         self._records = records
         self._image_size = image_size
         self._crop_fraction = crop_fraction
+        self.num_classes = num_classes
+        self.split = split
 
     @property
     def raw(self) -> TfdsSource:
         """The same examples with images at their stored size."""
-        return TfdsSource(self._records)
+        return TfdsSource(self._records, num_classes=self.num_classes, split=self.split)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -76,4 +100,5 @@ class TfdsSource:
             image = image[..., None]
         if self._image_size is not None:
             image = resize_and_center_crop(image, self._image_size, self._crop_fraction)
-        return {"image": image, "label": int(record["label"])}
+        label = check_label(record["label"], self.num_classes, split=self.split, index=int(index))
+        return {"image": image, "label": label}

@@ -17,19 +17,26 @@ Conventions shared by all losses:
 * Hyperparameters (temperatures, weights, ``p``, ``eps``) are static Python numbers; they
   are validated eagerly, together with the static shapes, and a bad value raises
   ``ValueError`` naming the argument.
+* Concrete inputs (NumPy arrays, or JAX arrays outside any trace, including arrays closed
+  over by a jitted function) must be finite on the valid examples: NaN or inf there raises
+  ``ValueError`` naming the argument, before anything is computed. Traced inputs (inside
+  ``jax.jit``, ``jax.grad``, ``jax.vmap``) are not checked, since that would need a device
+  round trip in every step: there a NaN or inf propagates into the loss of its example
+  (and into the other examples' losses for the relational losses).
 """
 
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
 # Floor of the L2 norm when normalising vectors, as in ``torch.nn.functional.normalize``,
 # which the reference implementations of AT, RKD and SP use.
 _NORM_EPS = 1e-12
-# Added to the per-example variance of the logits before logit standardisation.
+# Added to the per-example standard deviation of the logits in logit standardisation.
 _STANDARDIZE_EPS = 1e-7
 # Lower clamp of squared pairwise distances in RKD (official ``pdist``).
 _RKD_SQUARED_DIST_EPS = 1e-12
@@ -82,6 +89,27 @@ def _valid_mask(where: ArrayLike | None, batch: int) -> jax.Array:
     return where
 
 
+def _check_finite_if_concrete(name: str, x: ArrayLike, where: ArrayLike | None) -> None:
+    """Raises if a concrete ``x`` holds NaN or inf in an example that ``where`` keeps.
+
+    ``x`` and ``where`` have been validated already. Nothing is checked when either is a
+    tracer: the check runs on the host and would otherwise cost a device round trip.
+    """
+    if isinstance(x, jax.core.Tracer) or isinstance(where, jax.core.Tracer):
+        return
+    x = np.asarray(x)
+    finite = np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+    if where is not None:
+        finite |= ~np.asarray(where)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"{name} holds NaN or inf in {bad.size} example(s) of {x.shape[0]} (batch "
+            f"indices {bad[:8].tolist()}{'...' if bad.size > 8 else ''}): the loss would be "
+            "NaN; find where they come from, or exclude those examples with where"
+        )
+
+
 def _zero_masked_rows(x: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
@@ -98,6 +126,7 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 
 def _check_logits(student_logits: ArrayLike, teacher_logits: ArrayLike) -> list[jax.Array]:
+    """Validates the shapes of a logit loss and casts both to their float dtype."""
     student, teacher = _as_float(student_logits, teacher_logits)
     if student.ndim != 2:
         raise ValueError(
@@ -129,11 +158,14 @@ def _check_embeddings(
 
 
 def _standardize_logits(logits: jax.Array) -> jax.Array:
-    mean = jnp.mean(logits, axis=-1, keepdims=True)
-    variance = jnp.mean(jnp.square(logits - mean), axis=-1, keepdims=True)
-    return jax.nn.standardize(
-        logits, axis=-1, mean=mean, variance=variance, epsilon=_STANDARDIZE_EPS
-    )
+    """``(z - mean) / (1e-7 + std)`` over classes, with the unbiased (``ddof=1``) std."""
+    centered = logits - jnp.mean(logits, axis=-1, keepdims=True)
+    variance = jnp.sum(jnp.square(centered), axis=-1, keepdims=True) / (logits.shape[-1] - 1)
+    # The square root has an infinite derivative at 0 (constant logits): take it only where
+    # the variance is positive, so that gradients stay finite.
+    positive = variance > 0
+    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
+    return centered / (_STANDARDIZE_EPS + std)
 
 
 def kd_loss(
@@ -155,12 +187,22 @@ def kd_loss(
     :math:`\partial \ell / \partial s = T\,(\mathrm{softmax}(s/T) - \mathrm{softmax}(t/T))`.
 
     With ``standardize=True`` both logit vectors are first replaced by their z-scores
-    (logit standardisation), :math:`z \mapsto (z - \bar z) / \sqrt{\sigma^2(z) + 10^{-7}}`
-    with the mean and the population variance (``ddof=0``) over classes, and ``temperature``
-    plays the role of the base temperature of the paper. The official code divides by the
-    unbiased (``ddof=1``) standard deviation instead, which is the same as using a
-    temperature :math:`\sqrt{(C-1)/C}` times smaller. The :math:`T^2` factor is kept, as in
-    the official code.
+    (logit standardisation), exactly as the official code does (``normalize`` in
+    sunshangquan/logit-standardization-KD, ``(logit - mean) / (1e-7 + logit.std())``):
+
+    .. math::
+
+        z \mapsto \frac{z - \bar z}{10^{-7} + \sigma(z)}, \qquad
+        \bar z = \frac{1}{C} \sum_c z_c, \qquad
+        \sigma(z) = \sqrt{\frac{1}{C - 1} \sum_c (z_c - \bar z)^2},
+
+    i.e. with PyTorch's default unbiased (``ddof=1``) standard deviation over the :math:`C`
+    classes, which needs :math:`C \ge 2`. ``temperature`` then plays the role of the base
+    temperature of the paper, so its hyperparameters carry over unchanged; dividing by the
+    population standard deviation (``ddof=0``) instead would scale the z-scores by
+    :math:`\sqrt{C/(C-1)}`, i.e. act as a softmax temperature :math:`\sqrt{(C-1)/C}` times
+    the given one. Constant logits standardise to zeros (a uniform distribution). The
+    :math:`T^2` factor is kept, as in the official code.
 
     References:
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
@@ -175,10 +217,21 @@ def kd_loss(
 
     Returns:
         Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+
+    Raises:
+        ValueError: For mismatched shapes, ``temperature <= 0``, ``standardize=True`` with
+            fewer than 2 classes, or concrete logits holding NaN or inf in a valid example.
     """
     student, teacher = _check_logits(student_logits, teacher_logits)
     _check_positive("temperature", temperature)
+    if standardize and student.shape[1] < 2:
+        raise ValueError(
+            "student_logits must have at least 2 classes for standardize=True (the unbiased "
+            f"standard deviation of one class is undefined), got shape {student.shape}"
+        )
     valid = _valid_mask(where, student.shape[0])
+    _check_finite_if_concrete("student_logits", student_logits, where)
+    _check_finite_if_concrete("teacher_logits", teacher_logits, where)
     student = _zero_masked_rows(student, valid)
     teacher = _zero_masked_rows(teacher, valid)
     if standardize:
@@ -261,6 +314,8 @@ def dkd_loss(
     _check_non_negative("beta", beta)
     _check_positive("temperature", temperature)
     valid = _valid_mask(where, batch)
+    _check_finite_if_concrete("student_logits", student_logits, where)
+    _check_finite_if_concrete("teacher_logits", teacher_logits, where)
     student = _zero_masked_rows(student, valid)
     teacher = _zero_masked_rows(teacher, valid)
     labels = jnp.where(valid, labels, 0)
@@ -385,6 +440,8 @@ def fitnets_loss(
             f"projected student_feat shape {student.shape} and teacher_feat shape "
             f"{teacher.shape}"
         )
+    _check_finite_if_concrete("student_feat", student_feat, where)
+    _check_finite_if_concrete("teacher_feat", teacher_feat, where)
     teacher = _zero_masked_rows(teacher, valid)
     squared_error = optax.losses.squared_error(student, teacher)
     loss = jnp.mean(squared_error.reshape(student.shape[0], -1), axis=-1)
@@ -448,6 +505,8 @@ def attention_transfer_loss(
         )
     _check_positive("p", p)
     valid = _valid_mask(where, student.shape[0])
+    _check_finite_if_concrete("student_feat", student_feat, where)
+    _check_finite_if_concrete("teacher_feat", teacher_feat, where)
     student = _attention_map(_zero_masked_rows(student, valid), p)
     teacher = _attention_map(_zero_masked_rows(teacher, valid), p)
     loss = jnp.mean(jnp.square(student - teacher), axis=-1)
@@ -530,6 +589,8 @@ def rkd_loss(
     _check_non_negative("angle_weight", angle_weight)
     batch = student.shape[0]
     valid = _valid_mask(where, batch)
+    _check_finite_if_concrete("student_emb", student_emb, where)
+    _check_finite_if_concrete("teacher_emb", teacher_emb, where)
     student = _zero_masked_rows(student, valid)
     teacher = _zero_masked_rows(teacher, valid)
     num_valid = _num_valid(valid, student.dtype)
@@ -604,6 +665,8 @@ def pkt_loss(
     student, teacher = _check_embeddings("student_emb", student_emb, "teacher_emb", teacher_emb)
     _check_positive("eps", eps)
     valid = _valid_mask(where, student.shape[0])
+    _check_finite_if_concrete("student_emb", student_emb, where)
+    _check_finite_if_concrete("teacher_emb", teacher_emb, where)
     pairs = valid[:, None] & valid[None, :]
     p_student = _pkt_conditional_probs(_zero_masked_rows(student, valid), pairs, eps)
     p_teacher = _pkt_conditional_probs(_zero_masked_rows(teacher, valid), pairs, eps)
@@ -650,6 +713,8 @@ def similarity_preserving_loss(
     """
     student, teacher = _check_embeddings("student_feat", student_feat, "teacher_feat", teacher_feat)
     valid = _valid_mask(where, student.shape[0])
+    _check_finite_if_concrete("student_feat", student_feat, where)
+    _check_finite_if_concrete("teacher_feat", teacher_feat, where)
     # Zeroed rows give zero Gram rows and columns, which removes the masked-out examples.
     student = _zero_masked_rows(student, valid)
     teacher = _zero_masked_rows(teacher, valid)

@@ -14,12 +14,15 @@ The term's kind is its `kind` field, or its name when that is a known kind.
 Logit terms ("kd", "dkd") compare the two models' outputs; feature terms
 ("fitnets", "attention", "rkd", "pkt", "sp") compare the outputs of the
 submodules tapped by the `student` and `teacher` path regexes. Every other
-field is passed to the loss function as a keyword argument.
+field is passed to the loss function as a keyword argument: it must be one of
+that function's keyword parameters, and a numeric option must be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +58,25 @@ FEATURE_LOSSES: dict[str, Callable[..., jax.Array]] = {
     "pkt": losses.pkt_loss,
     "sp": losses.similarity_preserving_loss,
 }
+
+
+def _loss_function(kind: str) -> Callable[..., jax.Array]:
+    """The function whose keyword parameters a term of `kind` may set."""
+    if kind == "kd":
+        return losses.kd_loss
+    return LOGIT_LOSSES.get(kind) or FEATURE_LOSSES[kind]
+
+
+def _option_names(kind: str) -> tuple[str, ...] | None:
+    """The options a term of `kind` accepts (None: any, the function takes **kwargs)."""
+    parameters = inspect.signature(_loss_function(kind)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(
+        p.name
+        for p in parameters
+        if p.default is not inspect.Parameter.empty and p.name not in ("where", "params")
+    )
 
 
 def loss_kinds() -> tuple[str, ...]:
@@ -95,10 +117,26 @@ def _parse_term(name: str, fields: Mapping[str, Any]) -> Term:
             "(set 'kind' when the term's name is not a kind)"
         )
     weight = fields.pop("weight", 1.0)
-    if not isinstance(weight, int | float) or weight < 0:
-        raise ValueError(f"loss term {name!r} needs a weight >= 0, got weight={weight!r}")
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise ValueError(f"loss term {name!r} needs a finite weight >= 0, got weight={weight!r}")
     student_tap = fields.pop("student", None)
     teacher_tap = fields.pop("teacher", None)
+    accepted = _option_names(kind)
+    for option, value in fields.items():
+        if accepted is not None and option not in accepted:
+            raise ValueError(
+                f"loss term {name!r} ({kind}) has no option {option!r}; its options are "
+                f"{['weight', *(['student', 'teacher'] if kind in FEATURE_LOSSES else []), *accepted]}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"loss term {name!r} ({kind}) option {option}={value!r} must be finite"
+            )
     if kind in FEATURE_LOSSES and not (student_tap and teacher_tap):
         raise ValueError(
             f"feature loss term {name!r} ({kind}) needs 'student' and 'teacher' module path "
@@ -183,6 +221,29 @@ class Objective:
                 )
         return params
 
+    @staticmethod
+    def _term_loss(
+        term,
+        params,
+        student_logits,
+        teacher_logits,
+        labels,
+        student_features,
+        teacher_features,
+        valid,
+    ):
+        """The per-example loss of one term."""
+        kwargs = dict(term.options)
+        if term.kind in LOGIT_LOSSES:
+            return LOGIT_LOSSES[term.kind](
+                student_logits, teacher_logits, labels, where=valid, **kwargs
+            )
+        s_feat = student_features[term.student_tap]
+        t_feat = teacher_features[term.teacher_tap]
+        if term.kind == "fitnets":
+            return losses.fitnets_loss(s_feat, t_feat, params[term.name], where=valid, **kwargs)
+        return FEATURE_LOSSES[term.kind](s_feat, t_feat, where=valid, **kwargs)
+
     def __call__(
         self,
         params: Mapping[str, Any],
@@ -207,25 +268,35 @@ class Objective:
         Returns:
           (L, metrics) where metrics holds each term's unweighted batch mean.
         """
+        if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} do not match student logits of shape "
+                f"{tuple(student_logits.shape)}: pass one integer label per example, shape "
+                f"{tuple(student_logits.shape[:-1])}"
+            )
+        if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher logits of shape {tuple(teacher_logits.shape)} do not match student "
+                f"logits of shape {tuple(student_logits.shape)}"
+            )
         valid = jnp.ones(labels.shape, bool) if where is None else where
         count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
         total = jnp.zeros((), jnp.float32)
         metrics = {}
         for term in self.terms:
-            kwargs = dict(term.options)
-            if term.kind in LOGIT_LOSSES:
-                per_example = LOGIT_LOSSES[term.kind](
-                    student_logits, teacher_logits, labels, where=valid, **kwargs
+            try:
+                per_example = self._term_loss(
+                    term,
+                    params,
+                    student_logits,
+                    teacher_logits,
+                    labels,
+                    student_features,
+                    teacher_features,
+                    valid,
                 )
-            else:
-                s_feat = student_features[term.student_tap]
-                t_feat = teacher_features[term.teacher_tap]
-                if term.kind == "fitnets":
-                    per_example = losses.fitnets_loss(
-                        s_feat, t_feat, params[term.name], where=valid, **kwargs
-                    )
-                else:
-                    per_example = FEATURE_LOSSES[term.kind](s_feat, t_feat, where=valid, **kwargs)
+            except ValueError as e:
+                raise ValueError(f"loss term {term.name!r} ({term.kind}): {e}") from e
             value = per_example.sum() / count
             metrics[f"loss/{term.name}"] = value
             total = total + term.weight * value

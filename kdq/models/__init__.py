@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -73,9 +74,37 @@ def create_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
         raise ValueError(
             f"model {name!r} has no option(s) {sorted(unknown)}; its options are {sorted(fields)}"
         )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"model {name!r} needs num_classes >= 1 (an int), got num_classes={num_classes!r}"
+        )
+    for option, value in options.items():
+        _check_option(name, option, value)
     if isinstance(options.get("dtype"), str):
         options["dtype"] = jnp.dtype(options["dtype"])
     return cls(num_classes=num_classes, **options)
+
+
+def _check_option(model: str, option: str, value: Any) -> None:
+    """Refuses sizes that build no network: widths, depths and counts are ints >= 1.
+
+    An int option, or an int inside a sequence option (e.g. `hidden`,
+    `channels`, `stage_sizes`), must be >= 1; `dropout` must lie in [0, 1)
+    and `width_mult` be a finite number > 0.
+    """
+    if option == "dropout":
+        valid = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+        requirement = "a number in [0, 1)"
+    elif option == "width_mult":
+        valid = isinstance(value, int | float) and not isinstance(value, bool)
+        valid = valid and math.isfinite(value) and value > 0
+        requirement = "a finite number > 0"
+    else:
+        ints = value if isinstance(value, list | tuple) else [value]
+        valid = all(not isinstance(v, int) or isinstance(v, bool) or v >= 1 for v in ints)
+        requirement = "made of ints >= 1 (sizes, depths and counts)"
+    if not valid:
+        raise ValueError(f"model {model!r} option {option}={value!r} must be {requirement}")
 
 
 __all__ = [

@@ -20,11 +20,21 @@ from kdq.quant.numerics import (
 )
 from kdq.quant.ptq import ptq
 from kdq.quant.qarray import QArray
-from kdq.quant.qat import apply_quantized, init_quant_params, quantized_weights
+from kdq.quant.qat import (
+    apply_quantized,
+    init_quant_params,
+    lsq_paper_step,
+    pact_alpha_penalty,
+    quantized_weights,
+)
 from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec
 from kdq.quant.ste import (
     clipped_straight_through,
+    learned_alpha,
+    learned_scale,
+    learned_state,
+    learned_step,
     lsq_fake_quant,
     lsq_grad_scale,
     pact_fake_quant,
@@ -51,8 +61,14 @@ __all__ = [
     "fake_quant_tree",
     "init_quant_params",
     "integer_apply",
+    "learned_alpha",
+    "learned_scale",
+    "learned_state",
+    "learned_step",
     "lsq_fake_quant",
     "lsq_grad_scale",
+    "lsq_paper_step",
+    "pact_alpha_penalty",
     "pact_fake_quant",
     "ptq",
     "quantize",

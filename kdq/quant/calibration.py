@@ -5,11 +5,15 @@ For every module input an activation rule selects, a per-batch range
 
   "minmax":          lo = min_b lo_b,   hi = max_b hi_b         (lo_b, hi_b: batch min / max)
   "ema":             m_1 = r_1,  m_b = d * m_{b-1} + (1 - d) * r_b   for r = lo, hi (decay d)
-  "percentile,<p>":  lo = mean_b P_{100-p}(x_b),  hi = mean_b P_p(x_b)
+  "percentile,<p>":  lo = mean_b P_{min(p, 100-p)}(x_b),  hi = mean_b P_{max(p, 100-p)}(x_b)
 
+(P_q is numpy's default linear-interpolation percentile, so "percentile,1"
+and "percentile,99" give the same range, as in `kdq.quant.calibrate`.)
 For a symmetric spec the statistic is taken of |x| (signed) or max(x, 0)
-(unsigned) and only hi matters. The range then gives the static scale (and
-zero point) exactly as `kdq.quant.scale_from_range`.
+(unsigned), hi = P_p of it, and only hi matters. The range then gives the
+static scale (and zero point) exactly as `kdq.quant.scale_from_range`.
+Activations must be finite: a module whose range is NaN or infinite on some
+batch raises `ValueError` naming the module and the batches.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ def _parse_method(method: str) -> tuple[str, float | None]:
 def batch_range(
     x: jax.Array, spec: QuantSpec, percentile: float | None
 ) -> tuple[jax.Array, jax.Array]:
-    """(lo, hi) of one batch of activations: min/max, or percentiles."""
+    """(lo, hi) of one batch of activations: min/max, or percentiles.
+
+    Affine: (min x, max x), or the percentiles min(p, 100 - p) and
+    max(p, 100 - p) of x. Symmetric: (-m, m) with m the max (or p-th
+    percentile) of |x| (signed) or max(x, 0) (unsigned).
+    """
     x = x.astype(jnp.float32)
     if spec.symmetric:
         magnitude = jnp.abs(x) if spec.signed else jnp.maximum(x, 0.0)
@@ -54,7 +63,8 @@ def batch_range(
         return -hi, hi
     if percentile is None:
         return jnp.min(x), jnp.max(x)
-    return jnp.percentile(x, 100.0 - percentile), jnp.percentile(x, percentile)
+    low, high = min(percentile, 100.0 - percentile), max(percentile, 100.0 - percentile)
+    return jnp.percentile(x, low), jnp.percentile(x, high)
 
 
 def calibrate_activations(
@@ -83,7 +93,11 @@ def calibrate_activations(
       act_state nested by module path: {path: {"scale"[, "zero_point"]}}.
     """
     name, percentile = _parse_method(method)
-    if not 0.0 <= ema_decay < 1.0:
+    if (
+        isinstance(ema_decay, bool | np.bool_)
+        or not isinstance(ema_decay, int | float | np.integer | np.floating)
+        or not 0.0 <= ema_decay < 1.0
+    ):
         raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={ema_decay!r}")
 
     def record(x, spec):
@@ -112,6 +126,13 @@ def calibrate_activations(
         # Sown values are tuples: one entry per call of the module in the batch.
         lo = np.array([np.min(b[f"{path}/lo"]) for b in per_batch], np.float32)
         hi = np.array([np.max(b[f"{path}/hi"]) for b in per_batch], np.float32)
+        bad = np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi)))
+        if bad.size:
+            raise ValueError(
+                f"the input of {path!r} has a non-finite range (NaN or inf) on calibration "
+                f"batch(es) {bad.tolist()} of {len(per_batch)}: calibration needs finite "
+                "activations; check those batches and the variables"
+            )
         if name == "minmax":
             lo_agg, hi_agg = lo.min(), hi.max()
         elif name == "percentile":

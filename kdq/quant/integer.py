@@ -11,7 +11,34 @@ input. Two forward passes run it:
   integer operands into `lax.dot_general` / `lax.conv_general_dilated` with
   int32 accumulation, rescaled once in float32:
 
-      y = (sum_k q_x[k] q_w[k, n]) * (s_x * s_w[n]) + b[n]
+      y[r, n] = (sum_k q_x[r, k] q_w[k, n]) * (s_x[r] * s_w[n]) + b[n]
+
+  s_x is one scale per tensor (static, LSQ, PACT), or, for dynamic
+  activations, one per row r of the input (any axes but the contracted one,
+  e.g. per token of a (B, T, D) input with `QuantSpec(axes=(0, 1))`; for a
+  convolution only per example, axes=(0,)).
+
+Operands, exactly. Integers are stored in the narrowest container of their
+bits (`QuantSpec.dtype`: int4 for <= 4 bits, int8, int16), but the dot
+products do not run on int4: both operands are widened to one common dtype,
+int8 when both ranges fit in int8 (signed <= 8 bits, unsigned <= 7 bits),
+otherwise int16 (so 4-bit weights are widened to int8, and unsigned 8-bit
+activations, 0..255, make both operands int16). CPU / TPU accumulate in
+int32. On GPUs, convolutions run on the same integer values held in float32
+operands at full float32 precision, accumulated in float32; dense layers
+use the integer dot with int32 accumulation.
+
+Exactness. Before anything is compiled, each integer module is checked:
+with K the contraction size (the kernel's size without its output axis:
+in_features for a Dense layer, kh * kw * in_channels / groups for a
+convolution) and m_x, m_w the largest |integer| of the input and weight
+specs (2^(bits-1) signed, 2^bits - 1 unsigned), the worst-case sum
+K * m_x * m_w must fit in int32 (<= 2^31 - 1; always true when
+bits_x + bits_w + ceil(log2 K) <= 31); otherwise a ValueError names the
+module. GPU float32 convolutions are exact while every partial sum stays
+within 2^24: a convolution whose worst case exceeds it is computed in
+slices of its input channels, each exact, summed in int32 (a grouped
+convolution that cannot be sliced so raises a ValueError).
 
 Agreement. Both compute the same real numbers; they differ only by float32
 rounding. For one layer with K-term dot products,
@@ -24,15 +51,15 @@ network such a difference can move a later input across a rounding boundary
 of its quantizer, so logits then differ by up to one quantization step of
 that layer; predictions agree (tested on the digits test set).
 
-Integer operands are int8 when both ranges fit in int8 (signed <= 8 bits,
-unsigned <= 7 bits), otherwise int16. On GPUs, convolutions run on the
-integer values in float32 operands (exact; see `_conv_operands`). The integer path needs zero-point-free
-(symmetric) quantizers and per-tensor or per-output-channel weight scales;
-anything else raises a ValueError saying so (use `fake_quant_apply`).
+The integer path needs zero-point-free (symmetric) quantizers and per-tensor
+or per-output-channel weight scales; anything else raises a ValueError
+saying so (use `fake_quant_apply`). A `QuantizedModel` always rounds to
+nearest: stochastic rounding is a training-time option.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -52,9 +79,15 @@ from kdq.quant.intercept import (
 )
 from kdq.quant.numerics import calibrate, dequantize, fake_quant, quantize
 from kdq.quant.qarray import QArray
+from kdq.quant.qat import weight_state
 from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec
+from kdq.quant.ste import LEARNED_MODES, learned_scale, learned_state, learned_step
 from kdq.quant.tree import tree_specs
+
+INT32_MAX = 2**31 - 1
+# Every integer of magnitude <= 2^24 is a float32, so are sums that stay within it.
+FLOAT32_EXACT = 2**24
 
 
 @struct.dataclass
@@ -78,19 +111,17 @@ class QuantizedModel:
 
 def _act_scales(quant_params: Any, recipe: QuantRecipe) -> Any:
     state = flax.traverse_util.flatten_dict(quant_params.get("activations", {}), sep="/")
-    scales = {}
-    compiled = _compiled(recipe.act_rules)
+    fields: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
         path, field = key.rsplit("/", 1)
-        _, spec = _match(path, compiled)
-        if field == "scale":
-            scales[f"{path}/scale"] = value
-            if f"{path}/zero_point" in state:
-                scales[f"{path}/zero_point"] = state[f"{path}/zero_point"]
-        elif field == "step":
-            scales[f"{path}/scale"] = value
-        elif field == "alpha":
-            scales[f"{path}/scale"] = value / spec.qmax
+        fields.setdefault(path, {})[field] = value
+    compiled = _compiled(recipe.act_rules)
+    scales = {}
+    for path, entry in fields.items():
+        if recipe.act_mode in LEARNED_MODES:
+            scales[path] = {"scale": learned_scale(entry, _match(path, compiled)[1], path)}
+        else:
+            scales[path] = {k: v for k, v in entry.items() if k in ("scale", "zero_point")}
     return flax.traverse_util.unflatten_dict(scales, sep="/")
 
 
@@ -102,7 +133,10 @@ def to_quantized_model(
     Weights: calibrated mode quantizes with the spec's calibration; lsq mode
     uses the learned steps as scales. Activations: static ranges, LSQ steps
     (scale = step) and PACT clip values (scale = alpha / qmax) become static
-    scales; dynamic mode keeps none (scales are computed per batch).
+    scales (`kdq.quant.ste.learned_scale`, the scale QAT quantizes with, so
+    the integer levels are the trained ones); dynamic mode keeps none (scales
+    are computed per batch). Stochastic rules round to nearest here (the
+    model's recipe is `recipe.with_nearest_rounding()`).
 
     Args:
       params: float params.
@@ -114,13 +148,15 @@ def to_quantized_model(
       The `QuantizedModel`.
     """
     quant_params = quant_params or {}
+    recipe = recipe.with_nearest_rounding()
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     steps = flax.traverse_util.flatten_dict(quant_params.get("weights", {}), sep="/")
     for path, spec in tree_specs(params, recipe.weight_rules):
         if spec is None:
             continue
         if recipe.weight_mode == "lsq":
-            flat[path] = quantize(flat[path], spec, scale=steps[f"{path}/step"])
+            step = learned_step(weight_state(steps, path), path)
+            flat[path] = quantize(flat[path], spec, scale=step)
         else:
             flat[path] = quantize(flat[path], spec)
     return QuantizedModel(
@@ -137,7 +173,9 @@ def to_qat_state(qmodel: QuantizedModel) -> tuple[Any, dict[str, Any]]:
     The inverse of `to_quantized_model`: weights are dequantized; LSQ weight
     steps are the weight scales; activation state is rebuilt for the recipe's
     act_mode (static: the scales; lsq: step = scale; pact: alpha = scale *
-    qmax). `to_quantized_model(*to_qat_state(q))` gives back q's integers.
+    qmax; learned values as logarithms, `kdq.quant.ste.learned_state`).
+    `to_quantized_model(*to_qat_state(q))` gives back q's integers (scales
+    equal up to float32 rounding of exp(log(s)), a relative 1e-6).
 
     Args:
       qmodel: a quantized model, e.g. from `kdq.checkpoint.restore_quantized`.
@@ -154,17 +192,15 @@ def to_qat_state(qmodel: QuantizedModel) -> tuple[Any, dict[str, Any]]:
         if isinstance(leaf, QArray):
             params[path] = dequantize(leaf)
             if recipe.weight_mode == "lsq":
-                steps[f"{path}/step"] = leaf.scale
+                steps[path] = learned_state(leaf.scale, leaf.spec, "lsq")
         else:
             params[path] = leaf
     activations = {}
     compiled = _compiled(recipe.act_rules)
     for key, value in flax.traverse_util.flatten_dict(qmodel.act_scales, sep="/").items():
         path, field = key.rsplit("/", 1)
-        if recipe.act_mode == "lsq" and field == "scale":
-            activations[f"{path}/step"] = value
-        elif recipe.act_mode == "pact" and field == "scale":
-            activations[f"{path}/alpha"] = value * _match(path, compiled)[1].qmax
+        if recipe.act_mode in LEARNED_MODES and field == "scale":
+            activations[path] = learned_state(value, _match(path, compiled)[1], recipe.act_mode)
         else:
             activations[key] = value
     unflatten = partial(flax.traverse_util.unflatten_dict, sep="/")
@@ -201,16 +237,56 @@ def fake_quant_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **k
 
 
 def _operand_dtype(*specs: QuantSpec) -> jnp.dtype:
+    """int8 when every spec's range fits in int8 (signed <= 8, unsigned <= 7 bits), else int16."""
     fits_int8 = all(s.bits <= (8 if s.signed else 7) for s in specs)
     return jnp.dtype(jnp.int8 if fits_int8 else jnp.int16)
 
 
-def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kernel: QArray):
+def _largest_level(spec: QuantSpec) -> int:
+    """max |q| over the spec's integer range: 2^(bits-1) signed, 2^bits - 1 unsigned."""
+    return max(-spec.qmin, spec.qmax)
+
+
+def _float_convolutions() -> bool:
+    """Whether integer convolutions run on float32 operands (GPU, see module docstring)."""
+    return jax.default_backend() == "gpu"
+
+
+def _channels_per_slice(module: nn.Module, kernel: QArray, act_spec: QuantSpec) -> int | None:
+    """Input channels per exact float32 convolution slice; None when one convolution is exact.
+
+    A slice of c channels sums kh * kw * c products of magnitude <= m_x * m_w;
+    it is exact while that worst case stays within 2^24.
+    """
+    per_product = _largest_level(act_spec) * _largest_level(kernel.spec)
+    exact_terms = FLOAT32_EXACT // per_product
+    window = math.prod(kernel.shape[:-2])
+    if window * kernel.shape[-2] <= exact_terms:
+        return None
+    return exact_terms // window
+
+
+def _check_integer_ready(
+    path: str, module: nn.Module, x: jax.Array, act_spec: QuantSpec, kernel: QArray
+):
+    """Raises a ValueError naming the module if the integer path cannot run it exactly."""
     problem = None
+    contracted = {x.ndim - 1} if not isinstance(module, nn.Conv) else set(range(1, x.ndim))
+    act_axes = {a % x.ndim for a in act_spec.axes}
     if not act_spec.symmetric or not kernel.spec.symmetric:
         problem = "zero points (symmetric=False)"
     elif kernel.spec.group_size is not None:
         problem = "per-group weight scales"
+    elif act_spec.group_size is not None:
+        problem = f"per-group activation scales (group_size={act_spec.group_size})"
+    elif act_axes & contracted:
+        problem = (
+            f"activation scales along axes {tuple(sorted(act_axes & contracted))} of the "
+            f"{x.shape} input, which the module sums over (activation axes={act_spec.axes}); "
+            "scales must be constant along the contraction: per tensor, per row of a dense "
+            "layer's input (axes over its leading dimensions, e.g. per token), or per "
+            "example of a convolution's input (axes=(0,))"
+        )
     elif any(d != 1 for d in kernel.scale.shape[:-1]):
         problem = (
             f"weight scales of shape {kernel.scale.shape} (only per-tensor or per-output-channel)"
@@ -234,21 +310,31 @@ def _check_integer_ready(path: str, module: nn.Module, act_spec: QuantSpec, kern
             f"the integer path does not support {problem} (module {path!r}); "
             "use fake_quant_apply, or change the recipe"
         )
-
-
-def _conv_operands(q_x: jax.Array, q_w: jax.Array):
-    """Operands and accumulator dtype of an integer convolution on this backend.
-
-    CPU / TPU: the integer operands, accumulated in int32. GPU: the integer
-    values held in float32 operands, accumulated in float32, which is exact
-    while every partial sum stays below 2^24 (int8 x int8 products: fewer than
-    1024 terms). XLA's cuDNN int8 convolutions return float32 only, and in
-    our tests on an H200 they gave wrong sums (twice the exact ones in a
-    ResNet-8), so kdq does not use them.
-    """
-    if jax.default_backend() == "gpu":
-        return q_x.astype(jnp.float32), q_w.astype(jnp.float32), jnp.float32
-    return q_x, q_w, jnp.int32
+    terms = math.prod(kernel.shape[:-1]) if isinstance(module, nn.Conv) else kernel.shape[0]
+    m_x, m_w = _largest_level(act_spec), _largest_level(kernel.spec)
+    if terms * m_x * m_w > INT32_MAX:
+        raise ValueError(
+            f"module {path!r}: its int32 accumulator can overflow: K={terms} products of "
+            f"|q_x| <= {m_x} ({act_spec.bits}-bit {'signed' if act_spec.signed else 'unsigned'}"
+            f" inputs) and |q_w| <= {m_w} ({kernel.spec.bits}-bit weights) can sum to "
+            f"{terms * m_x * m_w} > 2^31 - 1; use fewer bits for this layer "
+            "(bits_x + bits_w + ceil(log2 K) <= 31 always fits), or fake_quant_apply"
+        )
+    if isinstance(module, nn.Conv) and _float_convolutions():
+        slices = _channels_per_slice(module, kernel, act_spec)
+        if slices is not None and (module.feature_group_count != 1 or slices == 0):
+            reason = (
+                f"a grouped convolution (feature_group_count={module.feature_group_count}) "
+                "is not split into slices"
+                if module.feature_group_count != 1
+                else f"even one input channel's {math.prod(kernel.shape[:-2])} products exceed it"
+            )
+            raise ValueError(
+                f"module {path!r}: the GPU float32 convolution is exact only while its sums "
+                f"stay within 2^24, but K={terms} products of |q_x| <= {m_x} and "
+                f"|q_w| <= {m_w} can reach {terms * m_x * m_w}, and {reason}; use fewer "
+                "bits for this layer, or fake_quant_apply"
+            )
 
 
 def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
@@ -260,28 +346,35 @@ def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
     return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
 
 
-def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: jax.Array, act_spec):
-    dtype = _operand_dtype(act_spec, kernel.spec)
-    q_x = quantize(x, act_spec, scale=x_scale).qvalue.astype(dtype)
-    q_w = kernel.qvalue.astype(dtype)
-    if isinstance(module, nn.Conv):
-        spatial = x.ndim - 2
-        strides = module.strides or 1
-        strides = (strides,) * spatial if isinstance(strides, int) else tuple(strides)
+def _integer_conv(module: nn.Conv, q_x: jax.Array, q_w: jax.Array, slice_channels: int | None):
+    """The int32 accumulator of an integer convolution.
 
-        def dilation(value):
-            value = value or 1
-            return (value,) * spatial if isinstance(value, int) else tuple(value)
+    CPU / TPU: the integer operands, accumulated in int32. GPU: the integer
+    values held in float32 operands (full float32 precision, no TF32),
+    accumulated in float32, which is exact while every partial sum stays
+    within 2^24; wider convolutions run in slices of `slice_channels` input
+    channels, each exact, converted to int32 and summed. XLA's cuDNN int8
+    convolutions return float32 only, and in our tests on an H200 they gave
+    wrong sums (twice the exact ones in a ResNet-8), so kdq does not use them.
+    """
+    spatial = q_x.ndim - 2
+    strides = module.strides or 1
+    strides = (strides,) * spatial if isinstance(strides, int) else tuple(strides)
 
-        numbers = lax.ConvDimensionNumbers(
-            lhs_spec=(0, spatial + 1, *range(1, spatial + 1)),
-            rhs_spec=(spatial + 1, spatial, *range(spatial)),
-            out_spec=(0, spatial + 1, *range(1, spatial + 1)),
-        )
-        q_x, q_w, accumulator_dtype = _conv_operands(q_x, q_w)
-        accumulator = lax.conv_general_dilated(
-            q_x,
-            q_w,
+    def dilation(value):
+        value = value or 1
+        return (value,) * spatial if isinstance(value, int) else tuple(value)
+
+    numbers = lax.ConvDimensionNumbers(
+        lhs_spec=(0, spatial + 1, *range(1, spatial + 1)),
+        rhs_spec=(spatial + 1, spatial, *range(spatial)),
+        out_spec=(0, spatial + 1, *range(1, spatial + 1)),
+    )
+
+    def conv(lhs, rhs, accumulator_dtype, precision=None):
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
             window_strides=strides,
             padding=_conv_padding(module.padding, spatial),
             lhs_dilation=dilation(module.input_dilation),
@@ -289,7 +382,35 @@ def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: ja
             dimension_numbers=numbers,
             feature_group_count=module.feature_group_count,
             preferred_element_type=accumulator_dtype,
+            precision=precision,
         )
+
+    if not _float_convolutions():
+        return conv(q_x, q_w, jnp.int32)
+    q_x, q_w = q_x.astype(jnp.float32), q_w.astype(jnp.float32)
+    channels = q_x.shape[-1]
+    step = channels if slice_channels is None else slice_channels
+    accumulator = None
+    for start in range(0, channels, step):
+        part = conv(
+            q_x[..., start : start + step],
+            q_w[..., start : start + step, :],
+            jnp.float32,
+            lax.Precision.HIGHEST,
+        ).astype(jnp.int32)
+        accumulator = part if accumulator is None else accumulator + part
+    return accumulator
+
+
+def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: jax.Array, act_spec):
+    dtype = _operand_dtype(act_spec, kernel.spec)
+    q_x = quantize(x, act_spec, scale=x_scale).qvalue.astype(dtype)
+    q_w = kernel.qvalue.astype(dtype)
+    if isinstance(module, nn.Conv):
+        slices = None
+        if module.feature_group_count == 1:
+            slices = _channels_per_slice(module, kernel, act_spec)
+        accumulator = _integer_conv(module, q_x, q_w, slices)
     else:
         accumulator = lax.dot_general(
             q_x,
@@ -298,7 +419,13 @@ def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: ja
             preferred_element_type=jnp.int32,
         )
     w_scale = kernel.scale.reshape(kernel.scale.shape[-1:])
-    y = accumulator.astype(jnp.float32) * (jnp.reshape(x_scale, ()) * w_scale)
+    # Per tensor: a scalar. Per row: shape (..., 1), size 1 on the contracted axes.
+    x_scale = jnp.asarray(x_scale, jnp.float32)
+    if x_scale.size == 1:
+        x_scale = x_scale.reshape(())
+    else:  # one trailing size-1 axis per output axis of the module beyond the input's
+        x_scale = x_scale.reshape(x_scale.shape + (1,) * (accumulator.ndim - x_scale.ndim))
+    y = accumulator.astype(jnp.float32) * (x_scale * w_scale)
     if module.use_bias:
         y = y + module.get_variable("params", "bias")
     return y
@@ -343,12 +470,13 @@ def _apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, *, integer: b
     params = flax.traverse_util.unflatten_dict(params, sep="/")
 
     def call(next_fun, args, call_kwargs, module, path, spec):
-        scale, zero_point = _input_scale(qmodel, path, args[0], spec)
         if path not in integer_modules:
+            scale, zero_point = _input_scale(qmodel, path, args[0], spec)
             x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
             return next_fun(x_hat, *args[1:], **call_kwargs)
         kernel = module.get_variable("params", "kernel")
-        _check_integer_ready(path, module, spec, kernel)
+        _check_integer_ready(path, module, args[0], spec, kernel)
+        scale, _ = _input_scale(qmodel, path, args[0], spec)
         return _integer_module(module, args[0], kernel, scale, spec)
 
     with nn.intercept_methods(module_input_interceptor(qmodel.recipe.act_rules, call)):

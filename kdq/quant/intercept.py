@@ -9,13 +9,19 @@ is fake-quantized before the module runs:
         logits = model.apply(variables, x)
 
 `act_state` holds the per-module quantizer state, nested by module path:
-{"Dense_0": {"scale": s[, "zero_point": z]}} (static), {"step": s} (lsq) or
-{"alpha": a} (pact); dynamic mode needs none.
+{"Dense_0": {"scale": s[, "zero_point": z]}} (static), {"log_step": log s}
+(lsq) or {"log_alpha": log alpha} (pact; see `kdq.quant.ste` for why learned
+values are stored as logarithms); dynamic mode needs none.
+
+Stochastic rounding: pass `key`; module `path`'s n-th call in one forward pass
+uses fold_in(fold_in(key, path_key(path)), n), so every module and call draws
+independent noise.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +31,21 @@ import jax
 from kdq.quant.numerics import fake_quant
 from kdq.quant.recipe import QuantRecipe, Rules
 from kdq.quant.spec import QuantSpec
-from kdq.quant.ste import lsq_fake_quant, lsq_grad_scale, pact_fake_quant
+from kdq.quant.ste import (
+    learned_alpha,
+    learned_step,
+    lsq_fake_quant,
+    lsq_grad_scale,
+    pact_fake_quant,
+)
 
 SUPPORTED_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 STATS_COLLECTION = "kdq_activation_stats"
+
+
+def path_key(path: str) -> int:
+    """A stable 31-bit integer for a '/'-joined path (CRC-32), for `jax.random.fold_in`."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
 def module_path(module: nn.Module) -> str:
@@ -89,6 +106,7 @@ def activation_interceptor(
     act_state: Any = None,
     *,
     record: Callable[[jax.Array, QuantSpec], tuple[jax.Array, jax.Array]] | None = None,
+    key: jax.Array | None = None,
 ):
     """An interceptor quantizing (or recording) the inputs of the selected modules.
 
@@ -99,10 +117,12 @@ def activation_interceptor(
       record: if given, inputs are not quantized; instead `record(x, spec)`
         returns a per-batch (lo, hi) range that is sown into the
         `STATS_COLLECTION` collection (apply with mutable=[STATS_COLLECTION]).
+      key: PRNG key for rules with rounding="stochastic" (see module docstring).
 
     Returns:
       A function for `flax.linen.intercept_methods`.
     """
+    calls: dict[str, int] = {}
 
     def call(next_fun, args, kwargs, module, path, spec):
         x, rest = args[0], args[1:]
@@ -111,15 +131,31 @@ def activation_interceptor(
             module.sow(STATS_COLLECTION, "lo", lo)
             module.sow(STATS_COLLECTION, "hi", hi)
             return next_fun(x, *rest, **kwargs)
-        return next_fun(quantize_input(x, spec, recipe.act_mode, act_state, path), *rest, **kwargs)
+        call_key = None
+        if key is not None and spec.rounding == "stochastic":
+            index = calls[path] = calls.get(path, -1) + 1
+            call_key = jax.random.fold_in(jax.random.fold_in(key, path_key(path)), index)
+        x_hat = quantize_input(x, spec, recipe.act_mode, act_state, path, key=call_key)
+        return next_fun(x_hat, *rest, **kwargs)
 
     return module_input_interceptor(recipe.act_rules, call)
 
 
-def quantize_input(x: jax.Array, spec: QuantSpec, mode: str, act_state: Any, path: str):
-    """Fake-quantizes one module input according to the activation mode."""
+def quantize_input(
+    x: jax.Array,
+    spec: QuantSpec,
+    mode: str,
+    act_state: Any,
+    path: str,
+    *,
+    key: jax.Array | None = None,
+):
+    """Fake-quantizes one module input according to the activation mode.
+
+    `key` is the PRNG key of a stochastic-rounding spec (dynamic / static modes).
+    """
     if mode == "dynamic":
-        return fake_quant(x, spec)
+        return fake_quant(x, spec, key=key)
     try:
         state = lookup(act_state, path)
     except (KeyError, TypeError):
@@ -128,11 +164,14 @@ def quantize_input(x: jax.Array, spec: QuantSpec, mode: str, act_state: Any, pat
             "(kdq.quant.calibrate_activations / init_quant_params) before applying"
         ) from None
     if mode == "static":
-        return fake_quant(x, spec, scale=state["scale"], zero_point=state.get("zero_point"))
+        return fake_quant(
+            x, spec, scale=state["scale"], zero_point=state.get("zero_point"), key=key
+        )
     if mode == "lsq":
         features = max(x[0].size if x.ndim > 1 else x.size, 1)
-        return lsq_fake_quant(x, state["step"], spec, grad_scale=lsq_grad_scale(features, spec))
-    return pact_fake_quant(x, state["alpha"], spec)
+        step = learned_step(state, path)
+        return lsq_fake_quant(x, step, spec, grad_scale=lsq_grad_scale(features, spec))
+    return pact_fake_quant(x, learned_alpha(state, path), spec)
 
 
 def activation_report(

@@ -17,17 +17,32 @@ Edge cases, by design:
     value quantizes to the zero point.
   * The public functions validate their arguments in Python and run one
     jitted computation, so results are bitwise the same called eagerly or
-    inside an outer `jit`.
-  * Non-finite input (NaN, +-inf) has no quantized value. Outside `jit`,
-    `calibrate`, `quantize` and `fake_quant` raise `ValueError`. Under `jit`
-    (where values cannot be inspected) the scale of every group containing a
-    non-finite value is NaN, so dequantized values of that group are NaN;
-    `fake_quant` with a given scale returns NaN where x is non-finite.
-    Non-finite input is never silently turned into finite numbers.
+    inside an outer `jit` (on traced arguments or on closed-over arrays).
+  * Arguments are checked whenever their values are concrete: called
+    eagerly, and also inside `jit`, `vmap` or `grad` for arrays that are not
+    traced (constants closed over by the traced function). Only the traced
+    arguments of an enclosing transformation go unchecked, since their values
+    do not exist yet; for those the results below are NaN, never finite
+    numbers that look valid.
+  * Non-finite input (NaN, +-inf) has no quantized value. When x is concrete,
+    `calibrate`, `quantize` and `fake_quant` raise `ValueError`. When x is
+    traced, the scale of every group containing a non-finite value is NaN, so
+    dequantized values of that group are NaN; `fake_quant` with a given scale
+    returns NaN where x is non-finite.
+  * A given range (`scale=`, `zero_point=`) must have every scale a finite
+    float32 of at least 2^-126 (the smallest normal float32; 0, negative,
+    NaN and inf scales have no quantization grid) and every zero point an
+    integer in [qmin, qmax] (the storage dtype holds no other value). Concrete
+    values that break this raise `ValueError`. Traced ones give a NaN scale
+    for each offending group, so `fake_quant` and `dequantize` return NaN
+    there (the group's stored zero point is 0).
+  * `scale_from_range` needs finite bounds (hi, and lo when affine): concrete
+    non-finite bounds raise `ValueError`, traced ones give a NaN scale.
 """
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import jax
@@ -112,10 +127,31 @@ def _expand(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return scale
 
 
+def _is_concrete(x: object) -> bool:
+    """Whether x has values now: not a Tracer of the current or an outer trace."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _now_if_concrete(*values: object) -> contextlib.AbstractContextManager:
+    """A context that runs operations immediately when every value is concrete.
+
+    Inside an enclosing `jit`, `vmap` or `grad`, arrays closed over by the
+    traced function are concrete: with this context their checks and their
+    quantization run now, exactly as in an eager call, and the result enters
+    the trace as a constant (staged instead, the computation on constants
+    could be folded by XLA with different roundings). Any traced value: no
+    change, everything is staged as usual.
+    """
+    if all(_is_concrete(leaf) for leaf in jax.tree_util.tree_leaves(values)):
+        return jax.core.eval_context()
+    return contextlib.nullcontext()
+
+
 def _check_finite_if_concrete(x: jax.Array, name: str) -> None:
-    if isinstance(x, jax.core.Tracer):
+    if not _is_concrete(x):
         return
-    bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
+    with jax.core.eval_context():
+        bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
     if bad:
         raise ValueError(
             f"{name} contains {bad} non-finite value(s) (NaN or inf) out of {x.size}; "
@@ -222,23 +258,73 @@ def _mse_clip_ratio(
     return ratio
 
 
+def _is_number_dtype(dtype: np.dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+
+
+def _as_float32_values(value: ArrayLike, name: str) -> np.ndarray:
+    """The concrete value as a float32 numpy array (as the computation sees it)."""
+    try:
+        given = np.asarray(value)
+    except (TypeError, ValueError):
+        given = np.asarray(None)
+    if not _is_number_dtype(given.dtype):
+        raise ValueError(f"{name} must be a float or float array, got {name}={value!r}")
+    return given.astype(np.float32)
+
+
+def _example(values: np.ndarray, bad: np.ndarray) -> str:
+    """ "k of n, e.g. v": how many values are bad, and the first of them."""
+    return f"{int(bad.sum())} of {bad.size}, e.g. {values[bad].ravel()[0].item()!r}"
+
+
+def _check_bound_if_concrete(value: ArrayLike, name: str) -> None:
+    if not _is_concrete(value):
+        return
+    values = _as_float32_values(value, name)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(
+            f"{name} must be finite (in float32), got non-finite {name} values "
+            f"({_example(values, bad)}): a range needs finite bounds; check the statistics "
+            "it was measured from"
+        )
+
+
+@partial(jax.jit, static_argnums=2)
+def _scale_from_range(
+    lo: jax.Array, hi: jax.Array, spec: QuantSpec
+) -> tuple[jax.Array, jax.Array | None]:
+    finite = jnp.isfinite(hi) if spec.symmetric else jnp.isfinite(lo) & jnp.isfinite(hi)
+    scale, zero_point = _scale_and_zero_point(jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0), spec)
+    scale = jnp.where(finite, scale, jnp.nan)
+    return scale, None if zero_point is None else zero_point.astype(spec.dtype)
+
+
 def scale_from_range(
     lo: ArrayLike, hi: ArrayLike, spec: QuantSpec
 ) -> tuple[jax.Array, jax.Array | None]:
     """Scale and zero point that represent [lo, hi] (widened to contain 0).
 
+    Symmetric: s = max(hi, 0) / qmax. Affine: s = (max(hi, 0) - min(lo, 0)) /
+    (qmax - qmin), z = clip(qmin - round(min(lo, 0) / s), qmin, qmax). A range
+    too small for a normal float32 scale gets s = 1.
+
     Args:
       lo, hi: range bounds (any broadcastable shapes); for a symmetric spec
         only hi is used (the bound of |x|, or of max(x, 0) when unsigned).
+        The bounds used must be finite: concrete non-finite ones raise
+        `ValueError`; traced ones give a NaN scale.
       spec: the quantizer.
 
     Returns:
       (scale, zero_point) as in `calibrate`.
     """
-    lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
-    hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
-    scale, zero_point = _scale_and_zero_point(lo, hi, spec)
-    return scale, None if zero_point is None else zero_point.astype(spec.dtype)
+    if not spec.symmetric:
+        _check_bound_if_concrete(lo, "lo")
+    _check_bound_if_concrete(hi, "hi")
+    with _now_if_concrete(lo, hi):
+        return _scale_from_range(jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32), spec)
 
 
 def _poison_non_finite(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -280,15 +366,75 @@ def calibrate(x: ArrayLike, spec: QuantSpec) -> tuple[jax.Array, jax.Array | Non
       and the zero point (dtype `spec.dtype`, same shape), or None if
       `spec.symmetric`.
     """
-    x = _as_float(x)
-    _check_finite_if_concrete(x, "x")
-    scale_shape(x.shape, spec)
-    return _calibrate(x, spec)
+    with _now_if_concrete(x):
+        x = _as_float(x)
+        _check_finite_if_concrete(x, "x")
+        scale_shape(x.shape, spec)
+        return _calibrate(x, spec)
+
+
+def _check_scale_if_concrete(scale: ArrayLike) -> None:
+    if not _is_concrete(scale):
+        return
+    values = _as_float32_values(scale, "scale")
+    bad = ~(np.isfinite(values) & (values >= _SMALLEST_SCALE))
+    if bad.any():
+        given = np.broadcast_to(np.asarray(scale), values.shape)
+        raise ValueError(
+            f"scale must be finite and >= {_SMALLEST_SCALE:.8g} (the smallest normal float32) "
+            f"in float32, got {_example(given, bad)}: zero, negative, NaN and infinite scales "
+            "have no quantization grid, and subnormal ones are flushed to zero on "
+            "accelerators; pass a positive scale, or omit scale to calibrate it"
+        )
+
+
+def _check_zero_point_if_concrete(zero_point: ArrayLike, spec: QuantSpec) -> None:
+    if not _is_concrete(zero_point):
+        return
+    try:
+        given = np.asarray(zero_point)
+    except (TypeError, ValueError):
+        given = np.asarray(None)
+    if not _is_number_dtype(given.dtype):
+        raise ValueError(f"zero_point must be an integer array, got zero_point={zero_point!r}")
+    values = given.astype(np.float64)
+    bad = values != np.round(values)
+    if bad.any():
+        raise ValueError(
+            f"zero_point must hold integers, got non-integer values ({_example(given, bad)})"
+        )
+    bad = (values < spec.qmin) | (values > spec.qmax)
+    if bad.any():
+        raise ValueError(
+            f"zero_point must lie in [qmin, qmax] = [{spec.qmin}, {spec.qmax}] for bits="
+            f"{spec.bits}, signed={spec.signed}, got values outside ({_example(given, bad)}): "
+            f"{spec.dtype} cannot store them; use a zero point the spec can represent"
+        )
+
+
+def _given_range(
+    scale: jax.Array, zero_point: jax.Array | None, spec: QuantSpec
+) -> tuple[jax.Array, jax.Array | None]:
+    """The given range inside the computation: NaN scale where it is invalid.
+
+    A group's scale becomes NaN unless it is finite and >= the smallest normal
+    float32 and (affine) its zero point is an integer in [qmin, qmax]; the
+    zero point is stored in `spec.dtype` (0 for an invalid one). Concrete
+    arguments were checked before; this covers traced ones.
+    """
+    valid = jnp.isfinite(scale) & (scale >= _SMALLEST_SCALE)
+    if zero_point is not None:
+        z = zero_point.astype(jnp.float32)
+        representable = (z == jnp.round(z)) & (z >= spec.qmin) & (z <= spec.qmax)
+        valid = valid & representable
+        zero_point = jnp.where(representable, z, 0.0).astype(spec.dtype)
+    return jnp.where(valid, scale, jnp.nan), zero_point
 
 
 def _check_given_range(
     x: jax.Array, spec: QuantSpec, scale: ArrayLike, zero_point: ArrayLike | None
 ) -> tuple[jax.Array, jax.Array | None]:
+    _check_scale_if_concrete(scale)
     scale = jnp.asarray(scale, jnp.float32)
     given_shape = scale.shape
     if scale.ndim < x.ndim:
@@ -306,8 +452,18 @@ def _check_given_range(
         return scale, None
     if zero_point is None:
         raise ValueError("zero_point is required with scale for an affine spec (symmetric=False)")
-    zero_point = jnp.broadcast_to(jnp.asarray(zero_point), scale.shape)
-    return scale, zero_point.astype(spec.dtype)
+    _check_zero_point_if_concrete(zero_point, spec)
+    zero_point = jnp.asarray(zero_point)
+    try:
+        shape = np.broadcast_shapes(zero_point.shape, scale.shape)
+    except ValueError:
+        shape = None
+    if shape != scale.shape:
+        raise ValueError(
+            f"zero_point of shape {zero_point.shape} does not broadcast to the scale's shape "
+            f"{scale.shape}"
+        )
+    return scale, jnp.broadcast_to(zero_point, scale.shape)
 
 
 def _check_quantize_args(x, spec, scale, zero_point, key):
@@ -328,6 +484,7 @@ def _quantize(x, spec, scale, zero_point, key) -> QArray:
     if scale is None:
         scale, zero_point = _calibrate(x, spec)
     else:
+        scale, zero_point = _given_range(scale, zero_point, spec)
         scale = _poison_non_finite(jax.lax.stop_gradient(x), scale)
     scale = jax.lax.stop_gradient(scale)
     noise = None
@@ -367,9 +524,10 @@ def quantize(
     >>> dequantize(q)
     Array([-1.       ,  0.       ,  0.2857143,  1.       ], dtype=float32)
     """
-    x = _as_float(x)
-    scale, zero_point = _check_quantize_args(x, spec, scale, zero_point, key)
-    return _quantize(x, spec, scale, zero_point, key)
+    with _now_if_concrete(x, scale, zero_point, key):
+        x = _as_float(x)
+        scale, zero_point = _check_quantize_args(x, spec, scale, zero_point, key)
+        return _quantize(x, spec, scale, zero_point, key)
 
 
 @jax.jit
@@ -389,13 +547,16 @@ def dequantize(q: QArray) -> jax.Array:
     Returns:
       float32 array of shape q.shape.
     """
-    return _dequantize(q)
+    with _now_if_concrete(q):
+        return _dequantize(q)
 
 
 @partial(jax.jit, static_argnums=1)
 def _fake_quant(x, spec, scale, zero_point, key) -> jax.Array:
     given = scale is not None
-    if not given:
+    if given:
+        scale, zero_point = _given_range(scale, zero_point, spec)
+    else:
         scale, zero_point = _calibrate(x, spec)
     scale = jax.lax.stop_gradient(scale)
     full_scale = _expand(scale, x.shape)
@@ -445,6 +606,7 @@ def fake_quant(
     Returns:
       x_hat, same shape and dtype as x.
     """
-    x = _as_float(x)
-    scale, zero_point = _check_quantize_args(x, spec, scale, zero_point, key)
-    return _fake_quant(x, spec, scale, zero_point, key)
+    with _now_if_concrete(x, scale, zero_point, key):
+        x = _as_float(x)
+        scale, zero_point = _check_quantize_args(x, spec, scale, zero_point, key)
+        return _fake_quant(x, spec, scale, zero_point, key)

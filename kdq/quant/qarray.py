@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from kdq.quant.packing import packed_size
 from kdq.quant.spec import QuantSpec
 
 
@@ -38,16 +39,16 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes needed to store the array with integers bit-packed.
+        """Bytes needed to store the array with its integers densely bit-packed.
 
-        (u)int4 values count half a byte each, whatever the in-memory layout.
+        The integers (`qvalue`, and `zero_point` when affine) count `spec.bits`
+        bits each, whatever their in-memory container (2-bit values live in
+        int4 arrays): n values take ceil(n * bits / 8) bytes, as
+        `kdq.quant.packing.pack_bits` stores them. The float scales count
+        their itemsize.
         """
-        return sum(_packed_nbytes(leaf) for leaf in (self.qvalue, self.scale, self.zero_point))
-
-
-def _packed_nbytes(leaf: jax.Array | None) -> int:
-    if leaf is None:
-        return 0
-    dtype = jnp.dtype(leaf.dtype)
-    bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
-    return math.ceil(math.prod(leaf.shape) * bits / 8)
+        total = packed_size(math.prod(self.qvalue.shape), self.spec.bits)
+        total += math.prod(self.scale.shape) * jnp.dtype(self.scale.dtype).itemsize
+        if self.zero_point is not None:
+            total += packed_size(math.prod(self.zero_point.shape), self.spec.bits)
+        return total

@@ -11,17 +11,26 @@ JSON, so it is stored with every quantized checkpoint.
 * `act_mode`: "dynamic" (range of the current batch), "static" (ranges from
   calibration, fixed), "lsq" (learned step) or "pact" (learned clipping value,
   Choi et al. 2018).
+* `pact_alpha_decay`: lambda of PACT's L2 penalty lambda * sum alpha^2 on the
+  clipping values, added to the training loss (Choi et al. 2018, section 2:
+  without it alpha only receives gradient from clipped inputs and never shrinks).
+* Stochastic rounding (`QuantSpec(rounding="stochastic")`) is a training-time
+  regulariser for calibrated weights and dynamic / static activations: the
+  train step draws fresh noise each step, evaluation and exported models round
+  to nearest (`with_nearest_rounding`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from kdq.quant.spec import QuantSpec
 from kdq.rules import compile_rules
 
+DEFAULT_PACT_ALPHA_DECAY = 2e-4
 WEIGHT_MODES = ("calibrated", "lsq")
 ACT_MODES = ("dynamic", "static", "lsq", "pact")
 
@@ -42,12 +51,15 @@ class QuantRecipe:
       act_rules: (regex, QuantSpec | None) over module paths.
       weight_mode: "calibrated" or "lsq".
       act_mode: "dynamic", "static", "lsq" or "pact".
+      pact_alpha_decay: lambda >= 0 of the PACT penalty lambda * sum alpha^2
+        (used when act_mode is "pact"); default 2e-4.
     """
 
     weight_rules: Rules = ()
     act_rules: Rules = ()
     weight_mode: str = "calibrated"
     act_mode: str = "dynamic"
+    pact_alpha_decay: float = DEFAULT_PACT_ALPHA_DECAY
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_rules", _freeze_rules(self.weight_rules, "weight_rules"))
@@ -77,6 +89,52 @@ class QuantRecipe:
                         f"weight_rules {pattern!r}: lsq learns a symmetric quantizer; "
                         "use symmetric=True"
                     )
+        learned = (
+            ("weight_rules", self.weight_rules, self.weight_mode == "lsq"),
+            ("act_rules", self.act_rules, self.act_mode in ("lsq", "pact")),
+        )
+        for name, rules, is_learned in learned:
+            for pattern, spec in rules:
+                if is_learned and spec is not None and spec.rounding == "stochastic":
+                    mode = self.weight_mode if name == "weight_rules" else self.act_mode
+                    raise ValueError(
+                        f"{name} {pattern!r}: rounding='stochastic' is not supported with "
+                        f"{mode} quantizers (their gradients are defined for round to "
+                        "nearest); use rounding='nearest', or a calibrated / dynamic / "
+                        "static mode"
+                    )
+        decay = self.pact_alpha_decay
+        if (
+            isinstance(decay, bool)
+            or not isinstance(decay, int | float)
+            or not math.isfinite(decay)
+            or decay < 0
+        ):
+            raise ValueError(
+                f"pact_alpha_decay must be a finite number >= 0, got pact_alpha_decay={decay!r}"
+            )
+        object.__setattr__(self, "pact_alpha_decay", float(decay))
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether any weight or activation rule rounds stochastically."""
+        return any(
+            spec is not None and spec.rounding == "stochastic"
+            for _, spec in (*self.weight_rules, *self.act_rules)
+        )
+
+    def with_nearest_rounding(self) -> QuantRecipe:
+        """The same recipe with every stochastic rule rounding to nearest (evaluation, export)."""
+
+        def nearest(rules):
+            return tuple(
+                (p, s if s is None else dataclasses.replace(s, rounding="nearest"))
+                for p, s in rules
+            )
+
+        return dataclasses.replace(
+            self, weight_rules=nearest(self.weight_rules), act_rules=nearest(self.act_rules)
+        )
 
     @property
     def quantizes_weights(self) -> bool:
@@ -98,13 +156,14 @@ class QuantRecipe:
                 "act_rules": rules(self.act_rules),
                 "weight_mode": self.weight_mode,
                 "act_mode": self.act_mode,
+                "pact_alpha_decay": self.pact_alpha_decay,
             },
             sort_keys=True,
         )
 
     @classmethod
     def from_json(cls, text: str) -> QuantRecipe:
-        """Inverse of `to_json`."""
+        """Inverse of `to_json` (text without "pact_alpha_decay" gets the default)."""
         data = json.loads(text)
 
         def rules(rs):
@@ -118,4 +177,5 @@ class QuantRecipe:
             act_rules=rules(data["act_rules"]),
             weight_mode=data["weight_mode"],
             act_mode=data["act_mode"],
+            pact_alpha_decay=data.get("pact_alpha_decay", DEFAULT_PACT_ALPHA_DECAY),
         )

@@ -55,6 +55,10 @@ class QuantSpec:
       rounding: "nearest" (round half to even) or "stochastic"
         (floor(x / s + u), u ~ U[0, 1): unbiased; needs a PRNG key).
 
+    Every field is type-checked on construction (a `ValueError` names the
+    field and the value): numpy integers and bools are accepted and stored as
+    Python `int` / `bool`, so equal specs hash equally whatever their origin.
+
     >>> spec = QuantSpec(bits=4, axes=(-1,))
     >>> spec.qmin, spec.qmax, spec.dtype
     (-8, 7, dtype(int4))
@@ -71,32 +75,51 @@ class QuantSpec:
     rounding: str = "nearest"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int | np.integer):
-            raise ValueError(f"bits must be an integer in 1..16, got bits={self.bits!r}")
+        if isinstance(self.bits, bool | np.bool_) or not isinstance(self.bits, int | np.integer):
+            raise ValueError(
+                f"bits must be an integer in 1..16, got bits={self.bits!r} "
+                f"({type(self.bits).__name__})"
+            )
         if not 1 <= self.bits <= 16:
             raise ValueError(f"bits must be in 1..16, got bits={self.bits!r}")
+        object.__setattr__(self, "bits", int(self.bits))
+        for name in ("signed", "symmetric"):
+            value = getattr(self, name)
+            if not isinstance(value, bool | np.bool_):
+                raise ValueError(
+                    f"{name} must be a bool (True or False), got {name}={value!r} "
+                    f"({type(value).__name__})"
+                )
+            object.__setattr__(self, name, bool(value))
         if self.signed and self.symmetric and self.bits < 2:
             raise ValueError(
                 f"bits={self.bits} with signed=True, symmetric=True has no positive level; "
                 "use bits >= 2, signed=False or symmetric=False"
             )
-        if not isinstance(self.axes, Sequence) or not all(
-            isinstance(a, int | np.integer) and not isinstance(a, bool) for a in self.axes
+        if (
+            isinstance(self.axes, str)
+            or not isinstance(self.axes, Sequence)
+            or not all(
+                isinstance(a, int | np.integer) and not isinstance(a, bool | np.bool_)
+                for a in self.axes
+            )
         ):
             raise ValueError(f"axes must be a tuple of ints, got axes={self.axes!r}")
         object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
         if len(set(self.axes)) != len(self.axes):
             raise ValueError(f"axes must not repeat an axis, got axes={self.axes!r}")
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool)
-            or not isinstance(self.group_size, int | np.integer)
-            or self.group_size < 1
-        ):
-            raise ValueError(
-                f"group_size must be a positive int or None, got group_size={self.group_size!r}"
-            )
+        if self.group_size is not None:
+            if (
+                isinstance(self.group_size, bool | np.bool_)
+                or not isinstance(self.group_size, int | np.integer)
+                or self.group_size < 1
+            ):
+                raise ValueError(
+                    f"group_size must be a positive int or None, got group_size={self.group_size!r}"
+                )
+            object.__setattr__(self, "group_size", int(self.group_size))
         _parse_calibration(self.calibration)
-        if self.rounding not in ROUNDINGS:
+        if not isinstance(self.rounding, str) or self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got rounding={self.rounding!r}")
 
     @property

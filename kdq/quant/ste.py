@@ -8,14 +8,25 @@
 * `lsq_fake_quant`: LSQ, learned step size (Esser et al. 2020).
 * `pact_fake_quant`: PACT, learned clipping value (Choi et al. 2018).
 
-Learned quantizer parameters (LSQ steps, PACT alphas) are plain arrays: keep
-them in a pytree next to the params and train them with the same optax
-optimizer.
+Learned quantizer parameters are kept positive by construction: the trainable
+state stores u = log s (LSQ, key "log_step") or u = log alpha (PACT, key
+"log_alpha"), and the forward pass uses s = exp(clip(u, -44, 44)), the clip
+passed straight through (ds/du = s everywhere), so s lies in
+[e^-44, e^44] ~ [8e-20, 1e19], positive and finite for every finite u. No
+optimizer update can make a step zero or negative, and an update of u changes
+the step by a factor exp(du), the same relative change at every scale (as for
+the log-domain thresholds of Jain et al. 2019, "Trained quantization
+thresholds"). The gradient with respect to u is the paper's gradient with
+respect to s times ds/du = s. `learned_state`, `learned_scale`, `learned_step`
+and `learned_alpha` are the only conversions between these forms and a
+quantizer scale; keep the state in a pytree next to the params and train it
+with the same optax optimizer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
 
 import jax
@@ -23,6 +34,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from kdq.quant.spec import QuantSpec
+
+LSQ_KEY = "log_step"
+PACT_KEY = "log_alpha"
+LEARNED_MODES = {"lsq": LSQ_KEY, "pact": PACT_KEY}
+# |log s| bound of learned steps / clip values (see the module docstring).
+LOG_BOUND = 44.0
 
 
 @jax.custom_jvp
@@ -167,7 +184,8 @@ def lsq_fake_quant(
     Args:
       x: array to quantize.
       step: learned step s > 0, broadcastable to x (a scalar per tensor, or
-        e.g. shape (1, out) per output channel).
+        e.g. shape (1, out) per output channel); trainable state stores log s
+        (see `learned_step`), so the gradient reaching it is s times the one below.
       spec: symmetric quantizer giving bits and signedness (its calibration is
         not used: use `calibrate` once to initialise `step`).
       grad_scale: g; default 1 / sqrt(N * Q_P) with N = x.size / step.size,
@@ -186,27 +204,39 @@ def lsq_fake_quant(
         raise ValueError(
             f"step of shape {step.shape} does not broadcast to x of shape {x.shape}"
         ) from None
+    _check_positive_if_concrete(step, "step")
     if grad_scale is None:
         grad_scale = lsq_grad_scale(max(x.size // max(step.size, 1), 1), spec)
     return _lsq(x, step, q_neg, q_pos, float(grad_scale))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _pact(x, alpha, qmax, signed):
-    lower = -alpha if signed else jnp.zeros_like(alpha)
-    scale = alpha / qmax
-    return jnp.round(jnp.clip(x, lower, alpha) / scale) * scale
+def _pact_scale(alpha: jax.Array, qmax: int) -> jax.Array:
+    """s = alpha / qmax, the IEEE quotient (the barrier keeps XLA from using 1 / qmax)."""
+    return alpha / jax.lax.optimization_barrier(jnp.asarray(qmax, alpha.dtype))
 
 
-def _pact_fwd(x, alpha, qmax, signed):
-    return _pact(x, alpha, qmax, signed), (x, alpha)
+def _pact_lower(alpha: jax.Array, qmin: int, qmax: int, signed: bool) -> jax.Array:
+    """The lower clipping value: qmin * alpha / qmax (signed), 0 (unsigned)."""
+    return qmin * _pact_scale(alpha, qmax) if signed else jnp.zeros_like(alpha)
 
 
-def _pact_bwd(qmax, signed, residuals, g):
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _pact(x, alpha, qmin, qmax, signed):
+    scale = _pact_scale(alpha, qmax)
+    y = jnp.clip(x, _pact_lower(alpha, qmin, qmax, signed), alpha)
+    return jnp.round(y / scale) * scale
+
+
+def _pact_fwd(x, alpha, qmin, qmax, signed):
+    return _pact(x, alpha, qmin, qmax, signed), (x, alpha)
+
+
+def _pact_bwd(qmin, qmax, signed, residuals, g):
     x, alpha = residuals
     if signed:
-        inside = (x > -alpha) & (x < alpha)
-        d_alpha = jnp.where(x >= alpha, 1.0, jnp.where(x <= -alpha, -1.0, 0.0))
+        lower = _pact_lower(alpha, qmin, qmax, signed)
+        inside = (x > lower) & (x < alpha)
+        d_alpha = jnp.where(x >= alpha, 1.0, jnp.where(x <= lower, qmin / qmax, 0.0))
     else:
         inside = (x >= 0) & (x < alpha)
         d_alpha = jnp.where(x >= alpha, 1.0, 0.0)
@@ -221,19 +251,25 @@ _pact.defvjp(_pact_fwd, _pact_bwd)
 def pact_fake_quant(x: ArrayLike, alpha: ArrayLike, spec: QuantSpec) -> jax.Array:
     """Fake quantization with a learned clipping value (PACT, Choi et al. 2018).
 
-    Forward (unsigned, the paper's activation quantizer):
-      y = clip(x, 0, alpha),  y_q = round(y * qmax / alpha) * alpha / qmax
-    with qmax = 2^bits - 1. For a signed spec the clip is [-alpha, alpha] and
-    qmax = 2^(bits-1) - 1.
+    Forward, with s = alpha / qmax and the spec's integer levels qmin..qmax:
+      y = clip(x, qmin * s, alpha),  y_q = round(y / s) * s
+    Unsigned (the paper's activation quantizer): qmax = 2^bits - 1, qmin = 0,
+    so y = clip(x, 0, alpha) and y_q = round(y * qmax / alpha) * alpha / qmax.
+    Signed: qmax = 2^(bits-1) - 1, qmin = -2^(bits-1), so the clip range is
+    [-(qmax + 1) / qmax * alpha, alpha]: the same two's-complement levels and
+    scale as the exported integer model (`kdq.quant.integer`), which therefore
+    computes exactly this function.
 
     Backward (rounding passed straight through, the paper's equation 3):
       d y_q / d x     = 1 if 0 <= x < alpha else 0
       d y_q / d alpha = 1 if x >= alpha else 0
-    (signed: d/dx = 1 on (-alpha, alpha); d/d alpha = sign(x) where |x| >= alpha).
+    (signed: d/dx = 1 on (qmin s, alpha); d/d alpha = 1 where x >= alpha and
+    qmin / qmax where x <= qmin s, the derivative of the lower clip qmin alpha / qmax).
 
     Args:
       x: activations.
-      alpha: learned clipping value > 0, broadcastable to x.
+      alpha: learned clipping value > 0, broadcastable to x (trainable state
+        stores log alpha: see `learned_alpha`).
       spec: symmetric quantizer giving bits and signedness.
 
     Returns:
@@ -249,4 +285,101 @@ def pact_fake_quant(x: ArrayLike, alpha: ArrayLike, spec: QuantSpec) -> jax.Arra
         raise ValueError(
             f"alpha of shape {alpha.shape} does not broadcast to x of shape {x.shape}"
         ) from None
-    return _pact(x, alpha, spec.qmax, spec.signed)
+    _check_positive_if_concrete(alpha, "alpha")
+    return _pact(x, alpha, spec.qmin, spec.qmax, spec.signed)
+
+
+def _check_positive_if_concrete(value: jax.Array, name: str) -> None:
+    """ValueError if a concrete step / clipping value has an entry <= 0 or non-finite."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    bad = ~(jnp.isfinite(value) & (value > 0))
+    if bool(jnp.any(bad)):
+        raise ValueError(
+            f"{name} must be positive and finite, got {name}={value.ravel()[jnp.argmax(bad.ravel())]}"
+            f" ({int(jnp.sum(bad))} bad value(s) of {value.size}); learned state stores "
+            f"log {name}: build it with kdq.quant.ste.learned_state"
+        )
+
+
+def _learned_key(state: Mapping[str, jax.Array], key: str, path: str) -> jax.Array:
+    try:
+        return state[key]
+    except (KeyError, TypeError):
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(
+            f"learned quantizer state{f' of {path!r}' if path else ''} needs the key {key!r} "
+            f"(got {got}); build it with kdq.quant.init_quant_params or learned_state"
+        ) from None
+
+
+def _positive(u: ArrayLike) -> jax.Array:
+    """exp(clip(u, -LOG_BOUND, LOG_BOUND)) with d/du = exp(.) (the clip passed straight through)."""
+    u = jnp.asarray(u, jnp.float32)
+    return jnp.exp(straight_through(u, jnp.clip(u, -LOG_BOUND, LOG_BOUND)))
+
+
+def learned_step(state: Mapping[str, jax.Array], path: str = "") -> jax.Array:
+    """The LSQ step s = exp(clip(state["log_step"], -LOG_BOUND, LOG_BOUND)) > 0.
+
+    Args:
+      state: LSQ state of one quantizer ({"log_step": u}).
+      path: the quantizer's path, named in the error when the key is missing.
+
+    Returns:
+      The positive, finite step s (the shape of u).
+    """
+    return _positive(_learned_key(state, LSQ_KEY, path))
+
+
+def learned_alpha(state: Mapping[str, jax.Array], path: str = "") -> jax.Array:
+    """The PACT clip alpha = exp(clip(state["log_alpha"], -LOG_BOUND, LOG_BOUND)) > 0.
+
+    Args:
+      state: PACT state of one quantizer ({"log_alpha": u}).
+      path: the quantizer's path, named in the error when the key is missing.
+
+    Returns:
+      The positive, finite clipping value alpha (the shape of u).
+    """
+    return _positive(_learned_key(state, PACT_KEY, path))
+
+
+def learned_scale(state: Mapping[str, jax.Array], spec: QuantSpec, path: str = "") -> jax.Array:
+    """The quantizer scale of LSQ / PACT state: s = step, or s = alpha / qmax.
+
+    This is the scale the QAT forward pass quantizes with, computed the same
+    way, so an exported model (`to_quantized_model`) uses the same levels.
+
+    Args:
+      state: LSQ ({"log_step"}) or PACT ({"log_alpha"}) state of one quantizer.
+      spec: the quantizer (gives qmax for PACT).
+      path: the quantizer's path, named in the error when the key is missing.
+
+    Returns:
+      The positive float32 scale.
+    """
+    if isinstance(state, Mapping) and PACT_KEY in state:
+        return _pact_scale(learned_alpha(state, path), spec.qmax)
+    return learned_step(state, path)
+
+
+def learned_state(scale: ArrayLike, spec: QuantSpec, mode: str) -> dict[str, jax.Array]:
+    """Trainable state whose quantizer scale is `scale` (the inverse of `learned_scale`).
+
+    Args:
+      scale: positive scale(s), e.g. from calibration.
+      spec: the quantizer (gives qmax for PACT).
+      mode: "lsq" ({"log_step": log s}) or "pact" ({"log_alpha": log(s * qmax)}).
+
+    Returns:
+      The state dict; `learned_scale(state, spec)` equals `scale` up to float32
+      rounding of exp(log(.)) (a relative 1e-6).
+    """
+    if mode not in LEARNED_MODES:
+        raise ValueError(f"mode must be one of {tuple(LEARNED_MODES)}, got mode={mode!r}")
+    scale = jnp.asarray(scale, jnp.float32)
+    _check_positive_if_concrete(scale, "scale")
+    if mode == "lsq":
+        return {LSQ_KEY: jnp.log(scale)}
+    return {PACT_KEY: jnp.log(scale * spec.qmax)}

@@ -2,18 +2,26 @@
 
 Experiment configs (`experiments/configs/*.py`) start from `default_config()`
 and change what they need; any field can be overridden on the command line,
-e.g. `--config.seed=1 --config.quant.weight_bits=2`.
+e.g. `--config.seed=1 --config.quant.weight_bits=2`. `validate` checks every
+field against `FIELDS` (kind, range, finiteness) before a run builds anything.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
 
 import flax.linen as nn
 import ml_collections
 
 from kdq.models import create_model
 from kdq.prune import PruneSpec, one_shot_schedule, polynomial_schedule
+from kdq.prune.masks import IMPORTANCES, SCOPES, STRUCTURES
 from kdq.quant import QuantSpec
-from kdq.quant.recipe import QuantRecipe
+from kdq.quant.recipe import ACT_MODES, DEFAULT_PACT_ALPHA_DECAY, WEIGHT_MODES, QuantRecipe
+from kdq.rules import tree_paths
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
             # Module-path regex of layers kept at 8-bit weights and inputs (e.g.
             # the first and last layer, as is usual below 4 bits); "" for none.
             "edge_layers": "",
+            # lambda of PACT's L2 penalty lambda * sum alpha^2 on the clipping
+            # values (act_mode "pact"), as in Choi et al. 2018.
+            "pact_alpha_decay": DEFAULT_PACT_ALPHA_DECAY,
         }
     )
 
@@ -168,6 +179,7 @@ def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
         act_rules=act_rules,
         weight_mode=quant.weight_mode,
         act_mode=quant.act_mode,
+        pact_alpha_decay=quant.pact_alpha_decay,
     )
 
 
@@ -196,38 +208,226 @@ def prune_setup(config: ml_collections.ConfigDict):
                 f"config.prune.schedule must be 'one_shot' or 'polynomial', got {prune.schedule!r}"
             )
     # The optimizer sees {"params", "quant", "distill"}: prune only the params.
-    return schedule, [(f"params/{prune.regex}", spec)], prune.scope
+    return schedule, [(f"params/({prune.regex})", spec)], prune.scope
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """What one config field accepts.
+
+    Attributes:
+      kind: "int", "float" (a finite int or float), "bool", "str" or "choice".
+      low, high: inclusive bounds of an "int" or "float" (None: unbounded).
+      low_open, high_open: make the bound exclusive.
+      choices: the accepted strings of a "choice".
+      note: what the values mean, appended to the description.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    note: str = ""
+
+    def describe(self) -> str:
+        """The accepted values in words, e.g. "an integer in [0, 16] (0 keeps weights float)"."""
+        if self.kind == "bool":
+            text = "True or False"
+        elif self.kind == "str":
+            text = "a string"
+        elif self.kind == "choice":
+            text = f"one of {list(self.choices)}"
+        else:
+            text = "an integer" if self.kind == "int" else "a finite number"
+            if self.low is not None and self.high is not None:
+                text += (
+                    f" in {'(' if self.low_open else '['}{self.low}, "
+                    f"{self.high}{')' if self.high_open else ']'}"
+                )
+            elif self.low is not None:
+                text += f" {'>' if self.low_open else '>='} {self.low}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def accepts(self, value: Any) -> bool:
+        """Whether `value` is of the field's kind and within its range."""
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            return isinstance(value, str)
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        number = int | float if self.kind == "float" else int
+        if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+_COUNT = Field("int", low=1)
+_STEP = Field("int", low=0)
+_FLAG = Field("bool")
+_TEXT = Field("str")
+
+# Every field of the top-level, quant, prune, optimizer, augment and sharding
+# sections; the model, teacher and losses sections are checked by the model
+# registry and the objective, which know each model's and loss's options.
+FIELDS: dict[str, Field] = {
+    "seed": Field("int", low=0),
+    "dataset": _TEXT,
+    "data_dir": _TEXT,
+    "mode": Field("choice", choices=("train", "ptq")),
+    "init_from": _TEXT,
+    "distributed": _FLAG,
+    "batch_size": _COUNT,
+    "num_steps": _COUNT,
+    "eval_batch_size": _COUNT,
+    "image_size": Field("int", low=0, note="0 keeps the dataset's own size"),
+    "normalize": _FLAG,
+    "log_every": _COUNT,
+    "checkpoint_every": _COUNT,
+    "keep_checkpoints": _COUNT,
+    "progress": _FLAG,
+    "augment.standard": _FLAG,
+    "augment.crop_padding": Field("int", low=0),
+    "augment.horizontal_flip": _FLAG,
+    "augment.inception_crop": _FLAG,
+    "sharding.num_devices": Field("int", low=0, note="0 uses every device"),
+    "sharding.model_parallel": _COUNT,
+    "quant.weight_bits": Field("int", low=0, high=16, note="0 keeps weights float"),
+    "quant.weight_regex": _TEXT,
+    "quant.per_channel": _FLAG,
+    "quant.calibration": _TEXT,
+    "quant.weight_mode": Field("choice", choices=WEIGHT_MODES),
+    "quant.act_bits": Field("int", low=0, high=16, note="0 keeps activations float"),
+    "quant.act_regex": _TEXT,
+    "quant.act_signed": _FLAG,
+    "quant.act_mode": Field("choice", choices=ACT_MODES),
+    "quant.act_calibration": _TEXT,
+    "quant.calibration_batches": _COUNT,
+    "quant.edge_layers": _TEXT,
+    "quant.pact_alpha_decay": Field("float", low=0, note="act_mode 'pact' only"),
+    "prune.structure": Field("choice", choices=("none", *STRUCTURES)),
+    "prune.sparsity": Field("float", low=0, high=1, high_open=True),
+    "prune.n": _COUNT,
+    "prune.m": _COUNT,
+    "prune.regex": _TEXT,
+    "prune.scope": Field("choice", choices=SCOPES),
+    "prune.importance": Field("choice", choices=IMPORTANCES),
+    "prune.schedule": Field("choice", choices=("one_shot", "polynomial")),
+    "prune.begin": _STEP,
+    "prune.end": _STEP,
+    "prune.frequency": _COUNT,
+    "optimizer.name": Field("choice", choices=("adamw", "adam", "sgd")),
+    "optimizer.learning_rate": Field("float", low=0, low_open=True),
+    "optimizer.weight_decay": Field("float", low=0),
+    "optimizer.momentum": Field("float", low=0, high=1, high_open=True, note="sgd only"),
+    "optimizer.warmup_steps": _STEP,
+    "optimizer.schedule": Field("choice", choices=("cosine", "constant")),
+    "optimizer.grad_clip_norm": Field("float", low=0, note="0 disables clipping"),
+}
+
+
+def field_value(config: ml_collections.ConfigDict, path: str) -> Any:
+    """The value of a dotted field path, e.g. "quant.weight_bits".
+
+    Raises:
+      ValueError: the config has no such field.
+    """
+    value = config
+    for part in path.split("."):
+        if part not in value:
+            raise ValueError(
+                f"config.{path} is missing; build the config on "
+                "kdq.train.default_config() and change only the fields you need"
+            )
+        value = value[part]
+    return value
+
+
+def _spec_calibration(text: str) -> str | None:
+    """The method name of a `QuantSpec.calibration` string, or None when it is not one."""
+    try:
+        return QuantSpec(calibration=text).calibration_method
+    except ValueError:
+        return None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the values a run depends on; raises ValueError naming the field."""
-    positive = {
-        "batch_size": config.batch_size,
-        "num_steps": config.num_steps,
-        "eval_batch_size": config.eval_batch_size,
-        "log_every": config.log_every,
-        "checkpoint_every": config.checkpoint_every,
-        "keep_checkpoints": config.keep_checkpoints,
-    }
-    for name, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    """Checks every value a run depends on, before anything is built or compiled.
+
+    Each field of `FIELDS` must be of its kind and within its range (numbers
+    finite: NaN and inf are refused everywhere); then the fields that
+    depend on each other, the quantization recipe and the pruning setup are
+    checked.
+
+    Raises:
+      ValueError: naming the field (`config.<path>`), its value and what it accepts.
+    """
+    for path, field in FIELDS.items():
+        value = field_value(config, path)
+        if not field.accepts(value):
+            raise ValueError(f"config.{path} must be {field.describe()}, got {value!r}")
     opt = config.optimizer
-    if not opt.learning_rate > 0:
-        raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate!r}")
-    if opt.warmup_steps < 0 or opt.warmup_steps >= config.num_steps:
+    if opt.warmup_steps >= config.num_steps:
         raise ValueError(
             f"config.optimizer.warmup_steps must be in [0, num_steps={config.num_steps}), "
             f"got {opt.warmup_steps!r}"
         )
-    if config.mode not in ("train", "ptq"):
-        raise ValueError(f"config.mode must be 'train' or 'ptq', got {config.mode!r}")
     if config.mode == "ptq" and not config.init_from:
         raise ValueError("config.mode='ptq' quantizes a trained model: set config.init_from")
-    if config.quant.calibration_batches < 1:
+    prune = config.prune
+    if prune.structure == "n:m" and prune.n > prune.m:
         raise ValueError(
-            "config.quant.calibration_batches must be >= 1, got "
-            f"{config.quant.calibration_batches!r}"
+            f"config.prune.n must be <= config.prune.m (n non-zeros in every group of m), "
+            f"got n={prune.n}, m={prune.m}"
         )
-    quant_recipe(config)
-    prune_setup(config)
+    if (
+        prune.structure in ("unstructured", "channel")
+        and prune.schedule == "polynomial"
+        and (prune.end < prune.begin)
+    ):
+        raise ValueError(
+            f"config.prune.end must be >= config.prune.begin, got begin={prune.begin}, "
+            f"end={prune.end}"
+        )
+    act_calibration = config.quant.act_calibration
+    if act_calibration != "ema" and _spec_calibration(act_calibration) not in (
+        "minmax",
+        "percentile",
+    ):
+        raise ValueError(
+            "config.quant.act_calibration must be 'minmax', 'ema' or 'percentile,<p>' "
+            f"with 0 < p <= 100, got {act_calibration!r}"
+        )
+    for section, build in (("quant", quant_recipe), ("prune", prune_setup)):
+        try:
+            build(config)
+        except ValueError as e:
+            raise ValueError(f"config.{section}: {e}") from None
+
+
+def check_edge_layers(config: ml_collections.ConfigDict, params: Any) -> None:
+    """Checks that config.quant.edge_layers selects at least one layer of the model.
+
+    Args:
+      config: a run config.
+      params: the student's params (arrays or ShapeDtypeStructs).
+
+    Raises:
+      ValueError: the regex matches no layer with a kernel; lists the layers.
+    """
+    edge = config.quant.edge_layers
+    if not edge or not (config.quant.weight_bits or config.quant.act_bits):
+        return
+    layers = sorted(
+        path.removesuffix("/kernel") for path in tree_paths(params) if path.endswith("/kernel")
+    )
+    if not any(re.fullmatch(edge, layer) for layer in layers):
+        raise ValueError(
+            f"config.quant.edge_layers={edge!r} matches no layer of model "
+            f"{config.model.name!r} (a regex over module paths, matched in full); its layers "
+            f"are {layers}"
+        )

@@ -1,8 +1,10 @@
 """`train_and_evaluate(config, workdir)`: a whole run, resumable at any step.
 
 Files in `workdir`:
-  config.json         the run's config (a resumed run must match it)
-  checkpoints/<step>  orbax train-state checkpoints (newest `keep_checkpoints`)
+  config.json         the run's config (a resumed run must match it), written
+                      once every part of the run has been built from it
+  checkpoints/<step>  orbax train-state checkpoints (newest `keep_checkpoints`),
+                      each checked finite before it is saved
   metrics.jsonl       one JSON object per logged step and per evaluation
   tensorboard/        TensorBoard event files (written without TensorFlow)
   model/, model.json  the exported inference model and its recipe
@@ -37,10 +39,9 @@ from kdq.distill.objective import Objective
 from kdq.distill.taps import apply_with_taps
 from kdq.models import count_params
 from kdq.prune import masked_pruning, sparsity_of
-from kdq.quant import QArray, dequantize_tree
 from kdq.quant.integer import integer_apply, to_quantized_model
 from kdq.quant.qat import init_quant_params
-from kdq.report import median_latency_ms
+from kdq.report import bits_summary, provenance
 from kdq.sharding import DATA_AXIS, make_mesh, shard_batch, tree_shardings
 from kdq.train import config as config_lib
 from kdq.train.state import TrainState
@@ -48,7 +49,18 @@ from kdq.train.step import classification_sums, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient became NaN/inf; the run stopped before saving it."""
+    """The loss, a gradient or the train state became NaN/inf; the run stopped before saving it."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point entry of `tree` is finite (one fused reduction)."""
+    leaves = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
 
 
 def _decay_mask(trainable: dict[str, Any]) -> dict[str, Any]:
@@ -108,26 +120,51 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
-def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json, or checks that a resumed run uses the same config."""
+def _previous_config(workdir: str) -> dict[str, Any] | None:
+    """The config.json of the run in `workdir`, or None when there is none yet."""
     path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort(sort_keys=True))
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return None
+    try:
         with open(path) as f:
             previous = json.load(f)
-        ignored = {"progress", "num_steps"}
-        changed = sorted(
-            k
-            for k in set(previous) | set(current)
-            if k not in ignored and previous.get(k) != current.get(k)
+        problem = None if isinstance(previous, dict) else f"a JSON {type(previous).__name__}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        raise ValueError(
+            f"{path} is unreadable ({problem}), so the run in {workdir} cannot be resumed: "
+            "it was damaged or not written by kdq. Use a new --workdir, or delete "
+            f"{workdir} to start over"
         )
-        if changed:
-            raise ValueError(
-                f"{workdir} holds a run with a different config (fields {changed} differ); "
-                "use a new --workdir, or delete the old one to start over"
-            )
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+    return previous
+
+
+def _check_same_config(workdir: str, previous: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuses to resume a run with a config other than its own (`progress` aside).
+
+    `num_steps` counts: the cosine schedule spans it, so a longer resumed run
+    would follow another learning-rate curve than the steps it already took.
+    """
+    changed = sorted(
+        k
+        for k in set(previous) | set(current)
+        if k != "progress" and previous.get(k) != current.get(k)
+    )
+    if not changed:
+        return
+    hint = ""
+    if "num_steps" in changed:
+        hint = (
+            f" config.num_steps is {current.get('num_steps')!r} here but "
+            f"{previous.get('num_steps')!r} in that run, and the learning-rate schedule spans "
+            "num_steps, so a run cannot be extended in place: start a new workdir with "
+            f"--config.init_from={workdir} to continue from its exported model."
+        )
+    raise ValueError(
+        f"{workdir} holds a run with a different config (fields {changed} differ); "
+        f"use a new --workdir, or delete the old one to start over.{hint}"
+    )
 
 
 def load_teacher(config: ml_collections.ConfigDict, dataset: Dataset):
@@ -246,8 +283,22 @@ def _augment(config: ml_collections.ConfigDict) -> Augment:
     return Augment(**options)
 
 
-def _train(config, workdir, state, train_step, teacher_variables, dataset, checkpoints, mesh):
-    """Runs the steps after `state.step` up to config.num_steps; returns the final state."""
+def _last_good(checkpoints: checkpoint.StateCheckpoints) -> str:
+    """Where the newest checkpoint is, for error messages (every saved one is finite)."""
+    step = checkpoints.latest_step()
+    if step is None:
+        return f"no checkpoint was saved yet in {checkpoints.directory}"
+    return f"kept its last good checkpoint (step {step}) in {checkpoints.directory}"
+
+
+def _train(
+    config, workdir, state, train_step, teacher_variables, dataset, checkpoints, mesh, progress
+):
+    """Runs the steps after `state.step` up to config.num_steps; returns the final state.
+
+    A state is saved only after the `finite` flags of the steps since the
+    last log and the state itself (every floating-point leaf) are checked.
+    """
     start_step = int(state.step)
     batches = train_batches(
         dataset.train,
@@ -258,13 +309,8 @@ def _train(config, workdir, state, train_step, teacher_variables, dataset, check
         **pixel_options(dataset, config),
     )
     writer = _MetricWriter(workdir)
-    progress = tqdm.tqdm(
-        total=config.num_steps,
-        initial=start_step,
-        disable=not config.progress,
-        desc=os.path.basename(workdir),
-        dynamic_ncols=True,
-    )
+    progress.update(start_step)
+    checked_step = start_step
     pending: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()
     try:
@@ -272,21 +318,18 @@ def _train(config, workdir, state, train_step, teacher_variables, dataset, check
             batch = shard_batch(next(batches), mesh)
             state, metrics = train_step(state, teacher_variables, batch)
             pending.append(metrics)
-            if (
-                step % config.log_every
-                and step % config.checkpoint_every
-                and step != config.num_steps
-            ):
+            saves = step % config.checkpoint_every == 0 or step == config.num_steps
+            if step % config.log_every and not saves:
                 continue
             logged = jax.device_get(pending)
             pending = []
             if not all(m["finite"] for m in logged):
                 bad = step - len(logged) + next(i for i, m in enumerate(logged) if not m["finite"])
                 raise NonFiniteLossError(
-                    f"the loss or its gradient became NaN/inf at step {bad + 1}; the run stopped "
-                    f"and kept its last good checkpoint (step {checkpoints.latest_step()}) in "
-                    f"{checkpoints.directory}. Lower config.optimizer.learning_rate or set "
-                    "config.optimizer.grad_clip_norm, and check the data for NaN/inf."
+                    f"the loss, its gradient or the updated state became NaN/inf at step "
+                    f"{bad + 1}; the run stopped and {_last_good(checkpoints)}. Lower "
+                    "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm, "
+                    "and check the data for NaN/inf."
                 )
             elapsed = time.perf_counter() - window_start
             window_start = time.perf_counter()
@@ -303,70 +346,77 @@ def _train(config, workdir, state, train_step, teacher_variables, dataset, check
                 ex_s=f"{scalars['examples_per_second']:.0f}",
             )
             progress.update(len(logged))
+            if not saves:
+                continue
+            if not _all_finite(state):
+                raise NonFiniteLossError(
+                    f"the train state became NaN/inf after step {checked_step} and by step "
+                    f"{step}, although every step reported a finite loss and gradient; it was "
+                    f"not saved, the run stopped and {_last_good(checkpoints)}. Lower "
+                    "config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+                )
+            checked_step = step
             checkpoints.save(step, state, force=step == config.num_steps)
     finally:
-        progress.close()
         writer.close()
     return state
 
 
+def is_integer_model(recipe) -> bool:
+    """Whether `recipe` yields a model that runs in integers end to end.
+
+    That needs quantized weights and activations whose ranges are fixed at
+    export ("static", "lsq" or "pact"; "dynamic" ranges are found at run time).
+    """
+    return (
+        recipe.quantizes_weights and recipe.quantizes_activations and recipe.act_mode != "dynamic"
+    )
+
+
 def _export(config, workdir, student, state, recipe, dataset) -> dict[str, Any]:
-    """Writes the inference model; returns its report fields."""
+    """Writes the inference model to workdir/model; returns its report fields.
+
+    `payload_bytes` is what the exported numbers cost (packed integers,
+    scales, zero points and float leaves); `disk_bytes` is the orbax
+    directory on disk, metadata included.
+    """
     model_info = {"model": config.model.name, "model_options": config.model.options.to_dict()}
+    path = os.path.join(workdir, "model")
     if not (recipe.quantizes_weights or recipe.quantizes_activations):
-        return {"checkpoint_bytes": checkpoint.export_model(workdir, state.variables, model_info)}
+        checkpoint.export_model(workdir, state.variables, model_info)
+        return {
+            "payload_bytes": checkpoint.payload_bytes(state.variables),
+            "disk_bytes": checkpoint.directory_bytes(path),
+        }
     qmodel = to_quantized_model(
         state.params, recipe, state.quant_params, model_state=state.model_state
     )
-    quantized = [
-        leaf
-        for leaf in jax.tree_util.tree_leaves(
-            qmodel.params, is_leaf=lambda x: isinstance(x, QArray)
-        )
-        if isinstance(leaf, QArray)
-    ]
+    checkpoint.save_quantized(path, qmodel, metadata=model_info)
     fields = {
-        "checkpoint_bytes": checkpoint.save_quantized(
-            os.path.join(workdir, "model"), qmodel, metadata=model_info
-        ),
-        # The quantized layers alone: packed integers + scales, against float32.
-        "quantized_layers_bytes": sum(q.nbytes for q in quantized),
-        "quantized_layers_float_bytes": sum(4 * q.qvalue.size for q in quantized),
+        "payload_bytes": checkpoint.payload_bytes(qmodel),
+        "disk_bytes": checkpoint.directory_bytes(path),
     }
-    if not recipe.quantizes_activations or recipe.act_mode == "dynamic":
-        return fields
-    integer_fn = jax.jit(lambda q, x: integer_apply(student, q, x))
-    int_eval = evaluate(
-        lambda q, batch: classification_sums(integer_fn(q, batch["image"]), batch),
-        qmodel,
-        source=dataset.test,
-        batch_size=config.eval_batch_size,
-        **pixel_options(dataset, config),
-    )
-    images = next(
-        eval_batches(
-            dataset.test, batch_size=config.eval_batch_size, **pixel_options(dataset, config)
-        )
-    )["image"]
-    float_fn = jax.jit(lambda v, x: student.apply(v, x))
-    float_params = {"params": dequantize_tree(qmodel.params), **state.model_state}
-    # Median latency of the jitted float32 and integer forward passes, side by side.
-    latency = {
-        str(size): {
-            "float": median_latency_ms(float_fn, float_params, images[:size]),
-            "int": median_latency_ms(integer_fn, qmodel, images[:size]),
-        }
-        for size in sorted({1, 32, int(images.shape[0])})
-    }
-    largest = latency[str(int(images.shape[0]))]
-    fields.update(
-        test_accuracy_int=int_eval["accuracy"],
-        latency_ms_float=largest["float"],
-        latency_ms_int=largest["int"],
-        latency_batch_size=int(images.shape[0]),
-        latency_ms_by_batch_size=latency,
-    )
+    if is_integer_model(recipe):
+        integer_fn = jax.jit(lambda q, x: integer_apply(student, q, x))
+        fields["test_accuracy_int"] = evaluate(
+            lambda q, batch: classification_sums(integer_fn(q, batch["image"]), batch),
+            qmodel,
+            source=dataset.test,
+            batch_size=config.eval_batch_size,
+            **pixel_options(dataset, config),
+        )["accuracy"]
     return fields
+
+
+def _check_restored(state: TrainState, checkpoints: checkpoint.StateCheckpoints) -> None:
+    """Refuses to resume from a checkpoint holding NaN/inf (kdq never saves one)."""
+    if not _all_finite(state):
+        step = checkpoints.latest_step()
+        raise ValueError(
+            f"checkpoint {os.path.join(checkpoints.directory, str(step))} holds NaN/inf "
+            "values, so the run cannot resume from it: move that step directory away to "
+            "resume from the one before, or use a new workdir"
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -375,16 +425,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     With config.mode == "ptq", the float model of config.init_from is
     quantized from calibration batches instead of trained.
 
+    Every part of the run (config values, dataset, model, objective, recipe,
+    pruning, teacher, optimizer, initial state, the traced train step) is
+    built before workdir/config.json is written, so a config that fails
+    leaves no trace that would refuse its corrected version.
+
     Args:
       config: a config built on `kdq.train.config.default_config()`.
-      workdir: the run directory; an existing run there is resumed.
+      workdir: the run directory; an existing run there is resumed (with the
+        same config; `progress` may differ).
 
     Returns:
-      The final report (also written to workdir/report.json).
+      The final report (also written to workdir/report.json); see the README
+      for its fields.
     """
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    previous = _previous_config(workdir)
+    if previous is not None:
+        _check_same_config(workdir, previous, current)
+    run = os.path.basename(workdir)
+    progress = tqdm.tqdm(
+        total=config.num_steps if config.mode == "train" else None,
+        disable=not config.progress,
+        desc=f"{run}: prepare",
+        dynamic_ncols=True,
+    )
+    try:
+        report = _run(config, workdir, previous is None, current, progress)
+    finally:
+        progress.close()
+    return report
+
+
+def _run(config, workdir, new_run, current, progress) -> dict[str, Any]:
+    """The body of `train_and_evaluate`, reporting its stage on `progress`."""
+    run = os.path.basename(workdir)
     dataset = load_dataset(
         config.dataset, data_dir=config.data_dir or None, image_size=config.image_size or None
     )
@@ -393,24 +470,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"config.batch_size={config.batch_size} is larger than the {dataset.name} train "
             f"split ({len(dataset.train)} examples); lower it"
         )
-    _check_config_matches(workdir, config)
-
-    objective = Objective.from_config(config.losses.to_dict())
-    recipe = config_lib.quant_recipe(config)
-    student = config_lib.build_model(config.model, dataset.num_classes)
-    teacher, teacher_variables = None, None
-    if objective.needs_teacher and config.mode == "train":
-        teacher, teacher_variables = load_teacher(config, dataset)
-    tx = make_optimizer(config)
-    state = _init_state(config, student, teacher, teacher_variables, objective, recipe, tx, dataset)
-    train_seconds = 0.0
     mesh = make_mesh(config.sharding.num_devices, config.sharding.model_parallel)
     if config.batch_size % mesh.shape[DATA_AXIS]:
         raise ValueError(
             f"config.batch_size={config.batch_size} is not divisible by the "
             f"{mesh.shape[DATA_AXIS]} data-parallel devices; choose a multiple"
         )
+    objective = Objective.from_config(config.losses.to_dict())
+    recipe = config_lib.quant_recipe(config)
+    student = config_lib.build_model(config.model, dataset.num_classes)
+    dummy = jnp.zeros((config.batch_size, *dataset.image_shape), jnp.float32)
+    abstract = jax.eval_shape(student.init, jax.random.PRNGKey(0), dummy)
+    config_lib.check_edge_layers(config, abstract["params"])
+    teacher, teacher_variables = None, None
+    if objective.needs_teacher and config.mode == "train":
+        teacher, teacher_variables = load_teacher(config, dataset)
+    tx = make_optimizer(config)
+    state = _init_state(config, student, teacher, teacher_variables, objective, recipe, tx, dataset)
+    train_step = None
     if config.mode == "train":
+        train_step = make_train_step(student, objective, tx, teacher=teacher, recipe=recipe)
+        batch = {
+            "image": jax.ShapeDtypeStruct(dummy.shape, dummy.dtype),
+            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+        }
+        # Tracing (not compiling) raises the loss terms' and the step's own errors now.
+        jax.eval_shape(train_step, state, teacher_variables, batch)
+    if new_run:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(current, f, indent=2, sort_keys=True)
+
+    train_seconds = 0.0
+    if config.mode == "train":
+        progress.set_description(f"{run}: train")
         checkpoints = checkpoint.StateCheckpoints(
             os.path.join(workdir, "checkpoints"),
             keep=config.keep_checkpoints,
@@ -424,50 +517,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 teacher_variables, tree_shardings(teacher_variables, mesh)
             )
             restored = checkpoints.restore_latest(state)
-            state = state if restored is None else restored
-            train_step = make_train_step(student, objective, tx, teacher=teacher, recipe=recipe)
+            if restored is not None:
+                _check_restored(restored, checkpoints)
+                state = restored
             start = time.perf_counter()
             state = _train(
-                config, workdir, state, train_step, teacher_variables, dataset, checkpoints, mesh
+                config,
+                workdir,
+                state,
+                train_step,
+                teacher_variables,
+                dataset,
+                checkpoints,
+                mesh,
+                progress,
             )
             train_seconds = time.perf_counter() - start
         finally:
             checkpoints.close()
 
-    test = evaluate(
-        make_eval_step(student, recipe=recipe),
-        state.variables,
-        state.quant_params,
-        source=dataset.test,
-        batch_size=config.eval_batch_size,
-        **pixel_options(dataset, config),
-    )
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(
-            json.dumps({"step": int(state.step), **{f"test/{k}": v for k, v in test.items()}})
-            + "\n"
+    progress.set_description(f"{run}: evaluate")
+    eval_step = make_eval_step(student, recipe=recipe)
+    splits = {"test": dataset.test}
+    if dataset.validation is not None:
+        splits = {"val": dataset.validation, **splits}
+    results = {}
+    for split, source in splits.items():
+        results[split] = evaluate(
+            eval_step,
+            state.variables,
+            state.quant_params,
+            source=source,
+            batch_size=config.eval_batch_size,
+            **pixel_options(dataset, config),
         )
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        scalars = {f"{split}/{k}": v for split, r in results.items() for k, v in r.items()}
+        f.write(json.dumps({"step": int(state.step), **scalars}) + "\n")
 
-    weight_specs = [spec for _, spec in recipe.weight_rules if spec is not None]
-    act_specs = [spec for _, spec in recipe.act_rules if spec is not None]
     pruning = config_lib.prune_setup(config)
-    sparsity = {}
-    if pruning is not None:
-        sparsity["sparsity"] = sparsity_of({"params": state.params}, pruning[1]).overall
     report = {
         "model": config.model.name,
         "params": count_params(state.params),
-        # The narrowest width in the recipe (edge layers may be wider).
-        "weight_bits": min((spec.bits for spec in weight_specs), default=32),
-        "act_bits": min((spec.bits for spec in act_specs), default=32),
         "seed": config.seed,
         "steps": int(state.step),
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        **sparsity,
         "train_seconds": train_seconds,
-        **_export(config, workdir, student, state, recipe, dataset),
     }
+    for split, r in results.items():
+        report.update({f"{split}_accuracy": r["accuracy"], f"{split}_loss": r["loss"]})
+    if pruning is not None:
+        report["sparsity"] = sparsity_of({"params": state.params}, pruning[1]).overall
+    progress.set_description(f"{run}: export")
+    report.update(_export(config, workdir, student, state, recipe, dataset))
+    report.update(bits_summary(state.params, recipe))
+    report["provenance"] = provenance()
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    progress.set_description(f"{run}: done")
+    progress.set_postfix(test_acc=f"{report['test_accuracy']:.4f}")
     return report

@@ -5,16 +5,27 @@ import pytest
 import tensorflow_datasets as tfds
 
 from kdq.data import (
+    CatalogEntry,
     DatasetNotPreparedError,
+    TfdsSource,
     eval_batches,
     load_dataset,
     train_batches,
 )
+from kdq.data import catalog as catalog_module
 
 
 def tiny_image(split: str, i: int) -> np.ndarray:
-    offset = 7 * i + (3 if split == "validation" else 0)
+    offset = 7 * i + {"train": 0, "validation": 3, "test": 5}[split]
     return ((np.arange(60).reshape(4, 5, 3) * 4 + offset) % 256).astype(np.uint8)
+
+
+def stored(source) -> list[tuple[int, bytes]]:
+    return sorted((source[i]["label"], source[i]["image"].tobytes()) for i in range(len(source)))
+
+
+def written(split: str, n: int) -> list[tuple[int, bytes]]:
+    return sorted((i % 3, tiny_image(split, i).tobytes()) for i in range(n))
 
 
 class KdqTinyImages(tfds.core.GeneratorBasedBuilder):
@@ -42,6 +53,17 @@ class KdqTinyImages(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split, n):
         for i in range(n):
             yield i, {"image": tiny_image(split, i), "label": i % 3}
+
+
+class KdqTinyThreeSplits(KdqTinyImages):
+    """A registered TFDS dataset with train, validation and test splits."""
+
+    def _split_generators(self, dl_manager):
+        return {
+            "train": self._generate_examples("train", 10),
+            "validation": self._generate_examples("validation", 4),
+            "test": self._generate_examples("test", 3),
+        }
 
 
 @pytest.fixture
@@ -76,12 +98,13 @@ def test_mocked_catalog_dataset_loads(name, image_shape, num_classes, tmp_path, 
     with tfds.testing.mock_data(num_examples=6):
         dataset = load_dataset(name, data_dir=str(tmp_path))
         assert dataset.name == name
-        assert (len(dataset.train), len(dataset.test)) == (6, 6)
+        # mock_data ignores split slicing: every split holds num_examples.
+        assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (6, 6, 6)
         assert dataset.image_shape == image_shape
         assert dataset.num_classes == num_classes
         assert dataset.pixel_scale == 255
         for i in range(6):
-            example = dataset.train[i]
+            example = dataset.validation[i]
             assert set(example) == {"image", "label"}
             assert example["image"].shape == image_shape
             assert example["image"].dtype == np.uint8
@@ -113,15 +136,63 @@ def test_mocked_imagenet_is_resized_to_a_fixed_shape(tmp_path, no_download):
 
 
 def test_prepared_tfds_dataset_is_read_from_array_record_files(tiny_data_dir, no_download):
+    # Its "validation" split is the test split here, so validation is the last
+    # 10 % of train: round(0.9 * 6) = 5 examples train, 1 validates.
     dataset = load_dataset("kdq_tiny_images", data_dir=str(tiny_data_dir))
-    assert (len(dataset.train), len(dataset.test)) == (6, 4)
+    assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (5, 1, 4)
     assert (dataset.image_shape, dataset.num_classes, dataset.pixel_scale) == ((4, 5, 3), 3, 255)
-    for source, split in ((dataset.train, "train"), (dataset.test, "validation")):
-        stored = sorted(
-            (source[i]["label"], source[i]["image"].tobytes()) for i in range(len(source))
-        )
-        written = sorted((i % 3, tiny_image(split, i).tobytes()) for i in range(len(source)))
-        assert stored == written
+    assert stored(dataset.test) == written("validation", 4)
+    train, validation = stored(dataset.train), stored(dataset.validation)
+    assert sorted(train + validation) == written("train", 6)
+    assert not set(train) & set(validation)
+
+
+def test_validation_slice_is_fixed_across_loads(tiny_data_dir, no_download):
+    first = load_dataset("kdq_tiny_images", data_dir=str(tiny_data_dir))
+    second = load_dataset("kdq_tiny_images", data_dir=str(tiny_data_dir))
+    assert stored(first.validation) == stored(second.validation)
+
+
+@pytest.fixture
+def three_splits_dir(tmp_path):
+    """A data dir where the three-split dataset is prepared as array_record files."""
+    KdqTinyThreeSplits(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    return tmp_path
+
+
+def test_own_validation_split_is_used_when_distinct_from_test(three_splits_dir, no_download):
+    dataset = load_dataset("kdq_tiny_three_splits", data_dir=str(three_splits_dir))
+    assert stored(dataset.train) == written("train", 10)
+    assert stored(dataset.validation) == written("validation", 4)
+    assert stored(dataset.test) == written("test", 3)
+
+
+def test_missing_split_names_the_split_and_the_prepare_command(
+    tiny_data_dir, no_download, monkeypatch
+):
+    # As if kdq_tiny_images were a CATALOG dataset read from "train" and "test".
+    monkeypatch.setitem(catalog_module.CATALOG, "kdq_tiny_images", CatalogEntry())
+    with pytest.raises(DatasetNotPreparedError) as error:
+        load_dataset("kdq_tiny_images", data_dir=str(tiny_data_dir))
+    message = str(error.value)
+    assert "has the splits train, validation" in message
+    assert "test from 'test'" in message and "test is not prepared" in message
+    assert f"tfds build kdq_tiny_images --data_dir={tiny_data_dir}" in message
+
+
+def test_empty_validation_slice_raises(tiny_data_dir, no_download, monkeypatch):
+    # The last 5 % of 6 examples rounds to none.
+    monkeypatch.setattr(catalog_module, "VALIDATION_PERCENT", 5)
+    with pytest.raises(ValueError, match=r"validation split 'train\[95%:\]' is empty"):
+        load_dataset("kdq_tiny_images", data_dir=str(tiny_data_dir))
+
+
+@pytest.mark.parametrize("num_threads", [0, 4])
+def test_out_of_range_tfds_label_reaches_the_caller(num_threads):
+    records = [{"image": tiny_image("train", i), "label": np.int64(i)} for i in range(4)]
+    source = TfdsSource(records, num_classes=3, split="tiny train")
+    with pytest.raises(ValueError, match=r"tiny train example 3 has label 3, outside \[0, 3\)"):
+        list(eval_batches(source, batch_size=2, pixel_scale=255.0, num_threads=num_threads))
 
 
 def test_dataset_prepared_without_random_access_gets_the_rebuild_command(

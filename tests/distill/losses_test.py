@@ -42,11 +42,22 @@ def np_l2_normalize(x):
     return x / np.maximum(norm, 1e-12)
 
 
+def ref_standardize(logits):
+    """``normalize`` of the official logit-standardisation code (Sun et al. 2024).
+
+    ``(logit - logit.mean(-1)) / (1e-7 + logit.std(-1))``, where ``torch.std`` is the unbiased
+    estimator: the sum of squared deviations over C - 1, written out here.
+    """
+    num_classes = logits.shape[-1]
+    mean = logits.sum(axis=-1, keepdims=True) / num_classes
+    std = np.sqrt(((logits - mean) ** 2).sum(axis=-1, keepdims=True) / (num_classes - 1))
+    return (logits - mean) / (1e-7 + std)
+
+
 def ref_kd(s, t, temperature, standardize=False):
     s, t = np.float64(s), np.float64(t)
     if standardize:
-        s = (s - s.mean(1, keepdims=True)) / np.sqrt(s.var(1, keepdims=True) + 1e-7)
-        t = (t - t.mean(1, keepdims=True)) / np.sqrt(t.var(1, keepdims=True) + 1e-7)
+        s, t = ref_standardize(s), ref_standardize(t)
     return temperature**2 * np_kl_rows(np_softmax(t / temperature), np_softmax(s / temperature))
 
 
@@ -322,6 +333,21 @@ def test_kd_standardize_constant_logits_is_finite():
     assert_close(loss, ref_kd(s, t, 2.0, standardize=True))
 
 
+def test_kd_standardize_divides_by_the_unbiased_standard_deviation():
+    """Logits (0, 1, 2): mean 1, unbiased std sqrt(2 / 2) = 1, so the z-scores are (-1, 0, 1).
+
+    With the population std sqrt(2 / 3) they would be (-1.22, 0, 1.22) instead.
+    """
+    s = np.array([[0.0, 1.0, 2.0]], np.float32)
+    t = np.array([[5.0, 1.0, 3.0]], np.float32)  # z-scores (1, -1, 0)
+    z_s = np.array([-1.0, 0.0, 1.0]) / (1.0 + 1e-7)
+    z_t = np.array([1.0, -1.0, 0.0]) / (1.0 + 1e-7)
+    p_s, p_t = np_softmax(z_s / 2.0), np_softmax(z_t / 2.0)
+    expected = 4.0 * np.sum(p_t * np.log(p_t / p_s))
+    loss = losses.kd_loss(s, t, temperature=2.0, standardize=True)
+    np.testing.assert_allclose(loss, [expected], rtol=RTOL)
+
+
 @pytest.mark.parametrize(
     ("seed", "batch", "classes", "alpha", "beta", "temperature"),
     [(0, 8, 10, 1.0, 8.0, 4.0), (1, 8, 10, 1.0, 1.0, 1.0), (2, 5, 2, 0.5, 2.0, 2.0)],
@@ -572,6 +598,10 @@ BAD_INPUTS = [
     (lambda: losses.kd_loss(_L, _L, temperature=-1.0), "temperature"),
     (lambda: losses.kd_loss(_L, _L, where=np.ones(3, dtype=bool)), "where"),
     (lambda: losses.kd_loss(_L, _L, where=np.ones(4, dtype=np.int32)), "where"),
+    (
+        lambda: losses.kd_loss(_L[:, :1], _L[:, :1], standardize=True),
+        "student_logits must have at least 2 classes for standardize=True",
+    ),
     (lambda: losses.dkd_loss(_L, _L, np.zeros(4)), "labels"),
     (lambda: losses.dkd_loss(_L, _L, _Y[:3]), "labels"),
     (lambda: losses.dkd_loss(_L[:, :1], _L[:, :1], _Y), "student_logits must have at least 2"),
@@ -612,3 +642,54 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_value_error_naming_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+_NAN_CASES = {
+    "kd": (losses.kd_loss, "logits", _L),
+    "dkd": (functools.partial(losses.dkd_loss, labels=_Y), "logits", _L),
+    "fitnets": (
+        lambda s, t, where=None: losses.fitnets_loss(s, t, make_projection(0, 2, 2), where=where),
+        "feat",
+        _F,
+    ),
+    "attention_transfer": (losses.attention_transfer_loss, "feat", _F),
+    "rkd": (losses.rkd_loss, "emb", _E),
+    "pkt": (losses.pkt_loss, "emb", _E),
+    "similarity_preserving": (losses.similarity_preserving_loss, "feat", _E),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NAN_CASES))
+@pytest.mark.parametrize("bad", ["student", "teacher"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_concrete_non_finite_input_raises_naming_argument(name, bad, value):
+    fn, suffix, x = _NAN_CASES[name]
+    poisoned = x.copy()
+    poisoned[2].flat[1] = value
+    args = (poisoned, x) if bad == "student" else (x, poisoned)
+    pattern = rf"{bad}_{suffix} holds NaN or inf in 1 example\(s\) of 4 \(batch indices \[2\]\)"
+    with pytest.raises(ValueError, match=pattern):
+        fn(*args)
+    # Outside the mask, non-finite padding is accepted and leaves the others unchanged.
+    where = np.array([True, True, False, True])
+    masked = np.asarray(fn(*args, where=where))
+    np.testing.assert_array_equal(masked[2], 0.0)
+    assert np.all(np.isfinite(masked))
+
+
+def test_non_finite_logits_under_jit_propagate_without_a_check():
+    s, t = _L.copy(), _L[::-1].copy()
+    s[1, 0] = np.nan
+    loss = np.asarray(jax.jit(losses.kd_loss)(s, t))
+    assert np.isnan(loss[1]) and np.all(np.isfinite(np.delete(loss, 1)))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(losses.kd_loss(x, t))))(s)
+    assert np.all(np.isnan(grad[1]))
+
+
+def test_concrete_arrays_closed_over_by_jit_are_checked_at_trace_time():
+    teacher = jnp.asarray(_L[::-1])
+    fn = jax.jit(lambda s, scale: scale * losses.kd_loss(s, teacher))
+    assert_close(fn(_L, 1.0), ref_kd(_L, _L[::-1], 4.0))
+    poisoned = teacher.at[0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"teacher_logits holds NaN or inf"):
+        jax.jit(lambda s: losses.kd_loss(s, poisoned))(_L)

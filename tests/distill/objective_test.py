@@ -111,3 +111,48 @@ def test_negative_weight_is_an_error():
 def test_empty_objective_is_an_error():
     with pytest.raises(ValueError, match="at least one loss term"):
         Objective.from_config({})
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), True])
+def test_non_finite_or_bool_weight_is_an_error(weight):
+    with pytest.raises(ValueError, match=r"loss term 'kd' needs a finite weight >= 0"):
+        Objective.from_config({"ce": {}, "kd": {"weight": weight}})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_option_is_an_error(value):
+    with pytest.raises(ValueError, match=rf"loss term 'kd' \(kd\) option temperature={value} must"):
+        Objective.from_config({"kd": {"temperature": value}})
+
+
+def test_unknown_option_lists_the_options():
+    with pytest.raises(
+        ValueError,
+        match=r"loss term 'kd' \(kd\) has no option 'temprature'; its options are "
+        r"\['weight', 'temperature', 'standardize'\]",
+    ):
+        Objective.from_config({"kd": {"temprature": 4.0}})
+
+
+def test_bad_option_value_names_the_term(batch):
+    objective = Objective.from_config({"soft": {"kind": "kd", "temperature": -1.0}})
+    with pytest.raises(ValueError, match=r"loss term 'soft' \(kd\): temperature must be > 0"):
+        objective({}, student_logits=batch["s"], teacher_logits=batch["t"], labels=batch["labels"])
+
+
+def test_labels_must_be_one_per_example(batch):
+    objective = Objective.from_config({"ce": {}})
+    with pytest.raises(ValueError, match=r"labels of shape \(6, 1\) do not match .* \(6, 5\)"):
+        jax.eval_shape(
+            lambda s, y: objective({}, student_logits=s, teacher_logits=None, labels=y),
+            batch["s"],
+            batch["labels"][:, None],
+        )
+
+
+def test_teacher_logits_must_match_the_student(batch):
+    objective = Objective.from_config({"kd": {}})
+    with pytest.raises(ValueError, match=r"teacher logits of shape \(6, 4\) do not match"):
+        objective(
+            {}, student_logits=batch["s"], teacher_logits=batch["t"][:, :4], labels=batch["labels"]
+        )

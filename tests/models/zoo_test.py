@@ -460,3 +460,24 @@ def test_dropout_needs_an_rng_only_when_training():
 def test_invalid_depth_is_rejected(name, options, match):
     with pytest.raises(ValueError, match=match):
         _shapes(name, 10, 32, **options)
+
+
+@pytest.mark.parametrize("num_classes", [0, -3, 2.5, True])
+def test_num_classes_must_be_a_positive_int(num_classes):
+    with pytest.raises(ValueError, match=rf"model 'mlp' needs num_classes >= 1 .*={num_classes!r}"):
+        create_model("mlp", num_classes=num_classes)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("mlp", {"hidden": (64, 0)}, r"option hidden=\(64, 0\) must be made of ints >= 1"),
+        ("cnn", {"dense": -1}, r"option dense=-1 must be made of ints >= 1"),
+        ("resnet18", {"width": 0}, r"option width=0 must be made of ints >= 1"),
+        ("wrn_16_2", {"dropout": 1.0}, r"option dropout=1.0 must be a number in \[0, 1\)"),
+        ("mobilenet_v2", {"width_mult": 0.0}, r"option width_mult=0.0 must be a finite number > 0"),
+    ],
+)
+def test_sizes_that_build_no_network_are_refused(name, options, message):
+    with pytest.raises(ValueError, match=rf"model '{name}' {message}"):
+        create_model(name, num_classes=10, **options)

@@ -108,6 +108,10 @@ def test_n_m_keeps_n_largest_in_every_group_along_contraction_axis(n, m, shape):
     pruned_max = np.where(groups, -np.inf, absw).max(axis=1)
     assert np.all(kept_min > pruned_max)
     np.testing.assert_array_equal(mask, ref.nm_mask(w, n, m))
+    # Applied to the (nowhere zero) weights, exactly n non-zeros remain per group.
+    pruned = np.asarray(apply_masks({"kernel": w}, {"kernel": mask})["kernel"])
+    nonzero = np.count_nonzero(np.moveaxis(pruned, -2, -1).reshape(-1, m), axis=1)
+    np.testing.assert_array_equal(nonzero, n)
 
 
 def test_n_m_with_ties_matches_reference():

@@ -106,6 +106,10 @@ def test_training_keeps_pruned_weights_exactly_zero(config):
             assert np.all(kernel[~new] == 0.0), f"pruned {layer} weight moved at step {t}"
         masks = new_masks
 
+    if "2:4" in config:
+        # Exactly 2 non-zeros in every group of 4 inputs: kept weights trained, the rest 0.
+        groups = np.moveaxis(np.asarray(params["out"]["kernel"]), -2, -1).reshape(-1, 4)
+        np.testing.assert_array_equal(np.count_nonzero(groups, axis=-1), 2)
     report = sparsity_of(masks)
     assert report.per_layer["out/kernel"] == (0.5 if "2:4" in config else 0.75)
     assert report.per_layer["hidden/kernel"] == 0.75

@@ -1,3 +1,5 @@
+import re
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -90,3 +92,57 @@ def test_bad_method_and_no_batches(setup):
         calibrate_activations(model, variables, [], recipe)
     with pytest.raises(ValueError, match="ema_decay must be in"):
         calibrate_activations(model, variables, batches, recipe, method="ema", ema_decay=1.0)
+
+
+@pytest.mark.parametrize("p", [30.0, 2.5])
+@pytest.mark.parametrize("signed", [True, False])
+def test_affine_percentile_range_matches_numpy_for_any_p(setup, p, signed):
+    """lo = mean_b P_min(p, 100-p)(x_b), hi = mean_b P_max(p, 100-p)(x_b), whichever side p is on.
+
+    With p < 50 the bounds used to swap: lo = P_70 > 0 and hi = P_30 < 0 were then
+    widened to [0, 0] and every activation quantized to the zero point (scale 1).
+    """
+    model, variables, batches, _ = setup
+    spec = QuantSpec(bits=8, signed=signed, symmetric=False)
+    recipe = QuantRecipe(act_rules=[("first", spec)], act_mode="static")
+    state = calibrate_activations(model, variables, batches, recipe, method=f"percentile,{p}")
+    low, high = min(p, 100 - p), max(p, 100 - p)
+    lo = np.float32(np.mean([np.percentile(b, low) for b in batches]))
+    hi = np.float32(np.mean([np.percentile(b, high) for b in batches]))
+    assert lo < 0 < hi
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    scale = (hi - lo) / np.float32(qmax - qmin)
+    np.testing.assert_allclose(float(state["first"]["scale"]), scale, rtol=1e-5)
+    expected_zero = np.clip(qmin - np.round(lo / scale), qmin, qmax)
+    assert int(state["first"]["zero_point"]) == int(expected_zero)
+    # p and 100 - p name the same range
+    other = calibrate_activations(model, variables, batches, recipe, method=f"percentile,{100 - p}")
+    np.testing.assert_array_equal(
+        np.asarray(other["first"]["scale"]), np.asarray(state["first"]["scale"])
+    )
+
+
+def test_non_finite_activations_are_rejected_naming_module_and_batches(setup):
+    model, variables, batches, _ = setup
+    batches = [b.copy() for b in batches]
+    batches[1][3, 2] = np.nan
+    batches[3][0, 0] = np.inf
+    recipe = QuantRecipe(
+        act_rules=[("first", QuantSpec(bits=8, symmetric=False))], act_mode="static"
+    )
+    for method in ("minmax", "ema", "percentile,99"):
+        with pytest.raises(
+            ValueError, match=r"input of 'first' has a non-finite range.*batch\(es\) \[1, 3\] of 4"
+        ):
+            calibrate_activations(model, variables, batches, recipe, method=method)
+
+
+@pytest.mark.parametrize("ema_decay", ["0.5", None, True, float("nan"), -0.1])
+def test_bad_ema_decay(setup, ema_decay):
+    model, variables, batches, _ = setup
+    recipe = QuantRecipe(act_rules=[(".*", QuantSpec())], act_mode="static")
+    with pytest.raises(
+        ValueError,
+        match=r"ema_decay must be in \[0, 1\), got ema_decay=" + re.escape(repr(ema_decay)),
+    ):
+        calibrate_activations(model, variables, batches, recipe, method="ema", ema_decay=ema_decay)

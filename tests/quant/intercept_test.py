@@ -130,12 +130,12 @@ def test_none_rules_keep_everything_float_and_are_reported(net):
 def test_lsq_and_pact_steps_receive_gradients(net):
     model, variables, x = net
     spec = QuantSpec(bits=4, signed=False)
-    for mode, field in (("lsq", "step"), ("pact", "alpha")):
+    for mode, field in (("lsq", "log_step"), ("pact", "log_alpha")):
         recipe = QuantRecipe(act_rules=[("head", spec)], act_mode=mode)
 
         def loss(state, recipe=recipe):
             with nn.intercept_methods(activation_interceptor(recipe, state)):
                 return jnp.sum(model.apply(variables, x) ** 2)
 
-        grads = jax.grad(loss)({"head": {field: jnp.float32(0.05)}})
+        grads = jax.grad(loss)({"head": {field: jnp.log(jnp.float32(0.05))}})
         assert float(grads["head"][field]) != 0.0

@@ -31,8 +31,9 @@ def test_int4_values_take_half_the_bytes_of_int8(shape):
 def test_nbytes_counts_zero_points_and_wider_types():
     x = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)
     # per-tensor: one scale, one zero point
-    affine4 = quantize(x, QuantSpec(bits=3, signed=False, symmetric=False))
-    assert affine4.nbytes == 96 // 2 + SCALE_BYTES + 1  # 1 int4 zero point -> 1 byte
+    affine3 = quantize(x, QuantSpec(bits=3, signed=False, symmetric=False))
+    # 96 values at 3 bits packed densely (36 bytes); one 3-bit zero point -> 1 byte
+    assert affine3.nbytes == 96 * 3 // 8 + SCALE_BYTES + 1
     affine8 = quantize(x, QuantSpec(bits=8, symmetric=False, axes=(-1,)))
     assert affine8.nbytes == 96 + 6 * SCALE_BYTES + 6
     q16 = quantize(x, QuantSpec(bits=16, axes=(0,), group_size=2))

@@ -309,8 +309,9 @@ def check_calibration(x: np.ndarray, spec, scale, zero_point) -> dict:
                     mag = np.abs(values) if spec.signed else np.maximum(values, F32(0))
                     extra_tol = _percentile_tolerance(mag, p) / qmax
                 else:
-                    lo_tol = _percentile_tolerance(values, 100.0 - p)
-                    extra_tol = (lo_tol + _percentile_tolerance(values, p)) / (qmax - qmin)
+                    lo_tol = _percentile_tolerance(values, min(p, 100.0 - p))
+                    hi_tol = _percentile_tolerance(values, max(p, 100.0 - p))
+                    extra_tol = (lo_tol + hi_tol) / (qmax - qmin)
         s_tol = SCALE_ULPS * float(np.spacing(np.abs(s_ref))) + extra_tol
         assert abs(float(got_s) - float(s_ref)) <= s_tol, (
             f"group {g}: scale {got_s!r}, reference {s_ref!r} (tolerance {s_tol:g})"

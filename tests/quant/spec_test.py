@@ -205,3 +205,59 @@ def test_given_scale_of_lower_rank_that_does_not_broadcast():
 def test_given_scale_shapes_that_broadcast(shape):
     q = quantize(X, QuantSpec(), scale=np.full(shape, 0.5, np.float32))
     np.testing.assert_array_equal(np.asarray(q.qvalue), np.round(X / 0.5))
+
+
+@pytest.mark.parametrize("field", ["signed", "symmetric"])
+@pytest.mark.parametrize("value", ["yes", "False", 1, 0, 1.0, None, np.int64(1), (True,)])
+def test_signed_and_symmetric_must_be_bools(field, value):
+    """A truthy string like "False" used to be accepted (and mean True)."""
+    pattern = rf"{field} must be a bool \(True or False\), got " + _value(f"{field}={value!r}")
+    with pytest.raises(ValueError, match=pattern):
+        QuantSpec(bits=4, **{field: value})
+
+
+def test_numpy_scalars_are_stored_as_python_values():
+    spec = QuantSpec(
+        bits=np.int32(4),
+        signed=np.bool_(False),
+        symmetric=np.bool_(True),
+        axes=(np.int64(-1),),
+        group_size=np.int16(2),
+    )
+    assert spec == QuantSpec(bits=4, signed=False, axes=(-1,), group_size=2)
+    assert hash(spec) == hash(QuantSpec(bits=4, signed=False, axes=(-1,), group_size=2))
+    for name, kind in (("bits", int), ("signed", bool), ("symmetric", bool), ("group_size", int)):
+        assert type(getattr(spec, name)) is kind, name
+    assert all(type(a) is int for a in spec.axes)
+    assert (spec.qmin, spec.qmax) == (0, 15)
+
+
+@pytest.mark.parametrize("bits", [np.bool_(True), np.float32(8), None, [8]])
+def test_bits_of_other_types(bits):
+    with pytest.raises(
+        ValueError, match=r"bits must be an integer in 1\.\.16, got " + _value(f"bits={bits!r}")
+    ):
+        QuantSpec(bits=bits)
+
+
+@pytest.mark.parametrize("axes", ["", (np.bool_(True),), None, 0.0])
+def test_axes_of_other_types(axes):
+    """An empty string used to pass as "no axes" (per-tensor)."""
+    with pytest.raises(
+        ValueError, match=r"axes must be a tuple of ints, got " + _value(f"axes={axes!r}")
+    ):
+        QuantSpec(axes=axes)
+
+
+@pytest.mark.parametrize("group_size", [np.bool_(True), "4", 4.0, np.float64(2)])
+def test_group_size_of_other_types(group_size):
+    with pytest.raises(ValueError, match=r"group_size.*" + _value(f"group_size={group_size!r}")):
+        QuantSpec(group_size=group_size)
+
+
+@pytest.mark.parametrize("rounding", [["nearest"], 0, b"nearest"])
+def test_rounding_of_other_types(rounding):
+    with pytest.raises(
+        ValueError, match=r"rounding must be one of.*" + _value(f"rounding={rounding!r}")
+    ):
+        QuantSpec(rounding=rounding)

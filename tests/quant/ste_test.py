@@ -20,6 +20,7 @@ from kdq.quant import (
     round_ste,
     straight_through,
 )
+from kdq.quant.ste import learned_alpha, learned_scale, learned_state, learned_step
 
 from . import reference as ref
 
@@ -252,15 +253,19 @@ def test_lsq_rejects_affine_spec_and_bad_step_shape():
 def pact_reference(x, alpha, bits, signed, cot):
     """Choi et al. 2018: y = clip(x, 0, a), y_q = round(y (2^k - 1) / a) a / (2^k - 1);
     eq. (3): d y_q / d a = 1 for x >= a, else 0; d y_q / d x = 1 on [0, a) (STE).
-    Signed variant: clip to [-a, a] with 2^(k-1) - 1 levels, d/da = sign(x) for |x| >= a."""
+    Signed variant on the two's-complement levels -2^(k-1)..2^(k-1) - 1 with
+    s = a / (2^(k-1) - 1): clip to [-2^(k-1) s, a]; d/da = 1 for x >= a and
+    -2^(k-1) / (2^(k-1) - 1) for x <= -2^(k-1) s (the lower clip is -2^(k-1) a / qmax)."""
     qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    qmin = -(2 ** (bits - 1)) if signed else 0
     x = np.asarray(x, np.float64)
     a = np.asarray(alpha, np.float64)
-    y = np.clip(x, -a if signed else 0.0, a)
+    lower = qmin * a / qmax
+    y = np.clip(x, lower, a)
     forward = np.round(y * qmax / a) * a / qmax
     if signed:
-        grad_x = cot * ((x > -a) & (x < a))
-        d_alpha = np.where(x >= a, 1.0, np.where(x <= -a, -1.0, 0.0))
+        grad_x = cot * ((x > lower) & (x < a))
+        d_alpha = np.where(x >= a, 1.0, np.where(x <= lower, qmin / qmax, 0.0))
     else:
         grad_x = cot * ((x >= 0) & (x < a))
         d_alpha = np.where(x >= a, 1.0, 0.0)
@@ -272,16 +277,19 @@ def pact_reference(x, alpha, bits, signed, cot):
 def test_pact_forward_and_gradients(bits, signed, alpha_shape):
     rng = np.random.default_rng(bits + 10 * signed + len(alpha_shape))
     qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    qmin = -(2 ** (bits - 1)) if signed else 0
     alpha = rng.uniform(0.5, 4.0, size=alpha_shape).astype(np.float32)
-    a = np.broadcast_to(alpha, (12, 5))
+    a = np.broadcast_to(alpha, (14, 5))
     # levels k + delta, |delta| <= 0.4: no rounding ambiguity; plus clipped values
-    levels = rng.integers(-qmax if signed else 0, qmax + 1, size=(12, 5))
-    x = (levels + rng.uniform(-0.4, 0.4, size=(12, 5))) * a / qmax
+    levels = rng.integers(qmin, qmax + 1, size=(14, 5))
+    x = (levels + rng.uniform(-0.4, 0.4, size=(14, 5))) * a / qmax
     x[0] = a[0] * 1.5
-    x[1] = -a[1] * 1.5
+    x[1] = -a[1] * 1.5  # below the lower clip (signed: qmin s = -(qmax + 1) / qmax a)
     x[2] = a[2]  # exactly alpha: clipped, d/da = 1
-    x[3] = -a[3]
+    x[3] = -a[3]  # signed: inside, the level -qmax
     x[4] = 0.0
+    x[5] = (qmin - 0.3) * a[5] / qmax  # just below the lowest level: clipped
+    x[6] = (qmin + 0.3) * a[6] / qmax  # rounds to the lowest level, inside
     x = x.astype(np.float32)
     cot = rng.uniform(-2, 2, size=x.shape).astype(np.float32)
     spec = QuantSpec(bits=bits, signed=signed)
@@ -297,6 +305,11 @@ def test_pact_forward_and_gradients(bits, signed, alpha_shape):
     assert ga.shape == alpha.shape
     np.testing.assert_allclose(ga, grad_alpha, rtol=1e-5, atol=1e-5)
     assert np.any(grad_alpha != 0)
+    if signed:
+        # the lowest level qmin s is reached (the exported integer range), and kept below it
+        lowest = qmin * alpha.reshape(-1)[0] / qmax
+        np.testing.assert_allclose(out[1, 0], lowest, rtol=1e-6)
+        assert np.all(out >= qmin * a / qmax * (1 + 1e-6))
 
 
 def test_pact_rejects_affine_spec_and_bad_alpha_shape():
@@ -305,3 +318,64 @@ def test_pact_rejects_affine_spec_and_bad_alpha_shape():
         pact_fake_quant(x, 1.0, QuantSpec(symmetric=False))
     with pytest.raises(ValueError, match=r"alpha of shape \(2,\) does not broadcast.*\(4, 3\)"):
         pact_fake_quant(x, jnp.ones(2), QuantSpec())
+
+
+# ------------------------------------------------------ positive learned parameters
+
+
+def test_learned_steps_are_positive_by_construction_and_gradients_follow_the_chain_rule():
+    """The state stores u = log s: d/du = s * (LSQ eq. 3/5, PACT eq. 3 gradient w.r.t. s)."""
+    rng = np.random.default_rng(21)
+    spec = QuantSpec(bits=4, signed=False)
+    x, step = _lsq_case(4, False, (1, 4), rng)
+    cot = rng.uniform(-2, 2, size=x.shape).astype(np.float32)
+    state = learned_state(step, spec, "lsq")
+    np.testing.assert_allclose(state["log_step"], np.log(step.astype(np.float64)), rtol=1e-6)
+    g = 1 / math.sqrt((x.size // step.size) * spec.qmax)
+
+    def lsq(u):
+        return lsq_fake_quant(x, learned_step({"log_step": u}), spec)
+
+    _, (gu,) = _vjp(lsq, state["log_step"], cotangent=cot)
+    _, _, grad_step = lsq_reference(x, step, 4, False, cot, g)
+    np.testing.assert_allclose(gu, step * grad_step, rtol=1e-5, atol=1e-6)
+    # Any update of u keeps the step positive and finite, and u keeps its gradient.
+    for shift in (-200.0, -60.0, 200.0):
+        step_far = np.asarray(learned_step({"log_step": state["log_step"] + shift}))
+        assert np.all((step_far > 0) & np.isfinite(step_far))
+        np.testing.assert_allclose(step_far, np.exp(np.float32(np.sign(shift) * 44)), rtol=1e-6)
+        out, (gu,) = _vjp(lsq, state["log_step"] + shift, cotangent=cot)
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(gu))
+    out, (gu,) = _vjp(lsq, state["log_step"] - 60.0, cotangent=cot)
+    assert np.any(gu != 0)  # every input clipped: the step still learns (eq. 3: -Q_N / Q_P)
+
+    alpha = np.array([[0.7, 1.3, 2.0, 3.1]], np.float32)
+    pact_state = learned_state(alpha / 15, spec, "pact")
+    np.testing.assert_allclose(np.exp(pact_state["log_alpha"]), alpha, rtol=1e-6)
+    np.testing.assert_allclose(learned_scale(pact_state, spec), alpha / 15, rtol=1e-6)
+    xp = (rng.uniform(-1, 5, size=(16, 4)) * alpha).astype(np.float32)
+
+    def pact(u):
+        return pact_fake_quant(xp, learned_alpha({"log_alpha": u}), spec)
+
+    _, (gu,) = _vjp(pact, jnp.log(alpha), cotangent=cot)
+    _, _, grad_alpha = pact_reference(xp, alpha, 4, False, cot)
+    np.testing.assert_allclose(gu, alpha * grad_alpha, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf")])
+def test_non_positive_steps_and_alphas_are_rejected(bad):
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"step must be positive and finite, got step="):
+        lsq_fake_quant(x, jnp.array([[0.1, bad, 0.2]]), QuantSpec(bits=4))
+    with pytest.raises(ValueError, match=r"alpha must be positive and finite"):
+        pact_fake_quant(x, bad, QuantSpec(bits=4, signed=False))
+    with pytest.raises(ValueError, match=r"scale must be positive and finite"):
+        learned_state(jnp.array([bad]), QuantSpec(), "lsq")
+
+
+def test_learned_state_names_missing_keys_and_modes():
+    with pytest.raises(ValueError, match=r"'Dense_0'.*needs the key 'log_step' \(got \['step'\]\)"):
+        learned_step({"step": 0.1}, "Dense_0")
+    with pytest.raises(ValueError, match=r"mode must be one of \('lsq', 'pact'\)"):
+        learned_state(0.1, QuantSpec(), "static")

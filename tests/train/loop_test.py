@@ -91,7 +91,9 @@ def test_every_config_trains_a_step_under_mock_data(module, tmp_path, teacher_wo
     assert report["steps"] == (0 if config.mode == "ptq" else 2)
     assert 0.0 <= report["test_accuracy"] <= 1.0
     with open(tmp_path / "report.json") as f:
-        assert json.load(f)["checkpoint_bytes"] == report["checkpoint_bytes"] > 0
+        written = json.load(f)
+    assert written["payload_bytes"] == report["payload_bytes"] > 0
+    assert written["disk_bytes"] == report["disk_bytes"] > 0
 
 
 def _params(workdir):
@@ -199,7 +201,8 @@ def test_missing_teacher_checkpoint(tmp_path):
 def test_batch_size_larger_than_the_dataset(tmp_path):
     config = _small(digits_student.get_config(), batch_size=100_000)
     with pytest.raises(
-        ValueError, match=r"batch_size=100000 is larger than the digits train split \(1437"
+        ValueError,
+        match=r"batch_size=100000 is larger than the digits train split \(\d+ examples\)",
     ):
         train_and_evaluate(config, str(tmp_path))
 
@@ -207,7 +210,9 @@ def test_batch_size_larger_than_the_dataset(tmp_path):
 def test_bad_config_value(tmp_path):
     config = _small(digits_student.get_config())
     config.optimizer.learning_rate = -1.0
-    with pytest.raises(ValueError, match=r"config.optimizer.learning_rate must be > 0, got -1.0"):
+    with pytest.raises(
+        ValueError, match=r"config.optimizer.learning_rate must be a finite number > 0, got -1.0"
+    ):
         train_and_evaluate(config, str(tmp_path))
 
 
@@ -244,4 +249,4 @@ def test_2of4_pattern_holds_after_training(tmp_path, teacher_workdir):
     for name in ("Conv_1", "Dense_0", "Dense_1"):
         kernel = np.asarray(state["params"][name]["kernel"])
         groups = np.moveaxis(kernel, -2, -1).reshape(-1, 4)
-        assert np.all(np.sum(groups != 0, axis=-1) <= 2), name
+        np.testing.assert_array_equal(np.count_nonzero(groups, axis=-1), 2, err_msg=name)
