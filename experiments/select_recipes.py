@@ -81,6 +81,8 @@ def best_candidate(candidates: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv):
     del argv
+    # absl logs at INFO once flags are parsed; orbax writes several lines per checkpoint.
+    logging.set_verbosity(logging.WARNING)
     seeds = [int(s) for s in _SEEDS.value]
     root = os.path.abspath(_WORKDIR.value)
     chosen_teacher: dict[int, str] = {}
@@ -137,5 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("verbosity", logging.WARNING)
     app.run(main)

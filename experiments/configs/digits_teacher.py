@@ -1,8 +1,9 @@
 """The teacher: a CNN trained on the embedded digits with cross-entropy.
 
-Random crops after 1-pixel zero padding regularise it (99.7% test accuracy
-against about 97.8% without; the MLP students stay without augmentation,
-which an MLP on 8x8 images cannot exploit).
+Random crops after 1-pixel zero padding regularise it: chosen on validation
+(98.26 % against 97.57 % without, mean of seeds 0 and 1;
+`experiments/select_recipes.py`). The MLP students stay without augmentation,
+which an MLP on 8x8 images cannot exploit.
 """
 
 from kdq.train import default_config

@@ -45,22 +45,15 @@ from kdq.report import bits_summary, provenance
 from kdq.sharding import DATA_AXIS, make_mesh, shard_batch, tree_shardings
 from kdq.train import config as config_lib
 from kdq.train.state import TrainState
-from kdq.train.step import classification_sums, make_eval_step, make_train_step
+from kdq.train.step import all_finite, classification_sums, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss, a gradient or the train state became NaN/inf; the run stopped before saving it."""
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    """Whether every floating-point entry of `tree` is finite (one fused reduction)."""
-    leaves = [
-        leaf
-        for leaf in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-    ]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
+# Whether every floating-point entry of a tree is finite (one fused reduction).
+_all_finite = jax.jit(all_finite)
 
 
 def _decay_mask(trainable: dict[str, Any]) -> dict[str, Any]:

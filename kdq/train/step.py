@@ -72,8 +72,15 @@ def check_logits_shape(logits: jax.Array, labels: jax.Array) -> None:
         )
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    """True iff every entry of every floating leaf of `tree` is finite."""
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every floating-point leaf of `tree` is finite.
+
+    Args:
+      tree: any pytree; integer and boolean leaves are ignored.
+
+    Returns:
+      A boolean scalar (True for a tree without floating-point leaves).
+    """
     leaves = [
         jnp.all(jnp.isfinite(leaf))
         for leaf in jax.tree_util.tree_leaves(tree)
@@ -202,8 +209,8 @@ def make_train_step(
         candidate = state.apply_gradients(grads, tx).replace(model_state=model_state)
         finite = (
             jnp.isfinite(loss)
-            & _all_finite(grads)
-            & _all_finite((candidate.trainable, candidate.opt_state, candidate.model_state))
+            & all_finite(grads)
+            & all_finite((candidate.trainable, candidate.opt_state, candidate.model_state))
         )
         new_state = jax.tree_util.tree_map(
             lambda new, old: jnp.where(finite, new, old), candidate, state
