@@ -171,7 +171,7 @@ def _no_integer_model_reason(row: Mapping[str, Any]) -> str:
         return "float activations"
     if row["weight_bits"] == FLOAT_BITS:
         return "float weights"
-    return "dynamic activation ranges"
+    return "not evaluated in integers"
 
 
 def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def test_summarize_means_and_sample_stds():
     assert row["payload_bytes"] == 1000 and "no_integer_model" not in row
     one = summarize("one", [_report(0, 0.9)])
     assert one["test_accuracy_std"] == 0.0 and "val_accuracy" not in one
-    assert one["no_integer_model"] == "dynamic activation ranges"
+    assert one["no_integer_model"] == "not evaluated in integers"
 
 
 def test_summarize_says_why_there_is_no_integer_model():

@@ -44,7 +44,8 @@ class Dataset:
     """An image classification dataset with train, test and (usually) validation splits.
 
     Recipes, hyperparameters and checkpoints are chosen on ``validation``; ``test``
-    is only reported. The three splits are disjoint.
+    is only reported. The splits must be disjoint (every kdq loader makes them so;
+    `from_arrays` takes the caller's word for it).
 
     Attributes:
         name: Dataset name, e.g. "digits" or "cifar10".

@@ -7,8 +7,9 @@ For every module input an activation rule selects, a per-batch range
   "ema":             m_1 = r_1,  m_b = d * m_{b-1} + (1 - d) * r_b   for r = lo, hi (decay d)
   "percentile,<p>":  lo = mean_b P_{min(p, 100-p)}(x_b),  hi = mean_b P_{max(p, 100-p)}(x_b)
 
-(P_q is numpy's default linear-interpolation percentile, so "percentile,1"
-and "percentile,99" give the same range, as in `kdq.quant.calibrate`.)
+(P_q is numpy's default linear-interpolation percentile, so for an affine
+spec "percentile,1" and "percentile,99" give the same range, as in
+`kdq.quant.calibrate`.)
 For a symmetric spec the statistic is taken of |x| (signed) or max(x, 0)
 (unsigned), hi = P_p of it, and only hi matters. The range then gives the
 static scale (and zero point) exactly as `kdq.quant.scale_from_range`.

@@ -255,7 +255,9 @@ def init_quant_params(
             f"act_mode={recipe.act_mode!r} needs calibration batches to initialise the "
             "activation quantizers; pass batches=[x1, x2, ...]"
         )
-    calibration_vars = {**variables, "params": quantized_weights(params, recipe, quant_params)}
+    # Ranges are measured through the weights as they are exported: rounded to nearest.
+    nearest = recipe.with_nearest_rounding()
+    calibration_vars = {**variables, "params": quantized_weights(params, nearest, quant_params)}
     ranges = calibrate_activations(
         model, calibration_vars, batches, recipe, method=act_method, **apply_kwargs
     )

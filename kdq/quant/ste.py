@@ -31,6 +31,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from kdq.quant.spec import QuantSpec
@@ -204,7 +205,7 @@ def lsq_fake_quant(
         raise ValueError(
             f"step of shape {step.shape} does not broadcast to x of shape {x.shape}"
         ) from None
-    _check_positive_if_concrete(step, "step")
+    step = _check_positive_if_concrete(step, "step")
     if grad_scale is None:
         grad_scale = lsq_grad_scale(max(x.size // max(step.size, 1), 1), spec)
     return _lsq(x, step, q_neg, q_pos, float(grad_scale))
@@ -285,21 +286,28 @@ def pact_fake_quant(x: ArrayLike, alpha: ArrayLike, spec: QuantSpec) -> jax.Arra
         raise ValueError(
             f"alpha of shape {alpha.shape} does not broadcast to x of shape {x.shape}"
         ) from None
-    _check_positive_if_concrete(alpha, "alpha")
+    alpha = _check_positive_if_concrete(alpha, "alpha")
     return _pact(x, alpha, spec.qmin, spec.qmax, spec.signed)
 
 
-def _check_positive_if_concrete(value: jax.Array, name: str) -> None:
-    """ValueError if a concrete step / clipping value has an entry <= 0 or non-finite."""
+def _check_positive_if_concrete(value: jax.Array, name: str) -> jax.Array:
+    """ValueError if a concrete step / clipping value has an entry <= 0 or non-finite.
+
+    Concrete values (also arrays closed over by a jitted function) are checked
+    on the host with numpy. A traced value cannot be checked: its bad entries
+    become NaN (returned), so they never yield finite output.
+    """
     if isinstance(value, jax.core.Tracer):
-        return
-    bad = ~(jnp.isfinite(value) & (value > 0))
-    if bool(jnp.any(bad)):
+        return jnp.where(jnp.isfinite(value) & (value > 0), value, jnp.nan)
+    values = np.asarray(value, np.float32)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
         raise ValueError(
-            f"{name} must be positive and finite, got {name}={value.ravel()[jnp.argmax(bad.ravel())]}"
-            f" ({int(jnp.sum(bad))} bad value(s) of {value.size}); learned state stores "
+            f"{name} must be positive and finite, got {name}={values[bad].ravel()[0].item()!r}"
+            f" ({int(bad.sum())} bad value(s) of {values.size}); learned state stores "
             f"log {name}: build it with kdq.quant.ste.learned_state"
         )
+    return value
 
 
 def _learned_key(state: Mapping[str, jax.Array], key: str, path: str) -> jax.Array:
@@ -378,8 +386,7 @@ def learned_state(scale: ArrayLike, spec: QuantSpec, mode: str) -> dict[str, jax
     """
     if mode not in LEARNED_MODES:
         raise ValueError(f"mode must be one of {tuple(LEARNED_MODES)}, got mode={mode!r}")
-    scale = jnp.asarray(scale, jnp.float32)
-    _check_positive_if_concrete(scale, "scale")
+    scale = _check_positive_if_concrete(jnp.asarray(scale, jnp.float32), "scale")
     if mode == "lsq":
         return {LSQ_KEY: jnp.log(scale)}
     return {PACT_KEY: jnp.log(scale * spec.qmax)}

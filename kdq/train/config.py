@@ -20,6 +20,7 @@ from kdq.models import create_model
 from kdq.prune import PruneSpec, one_shot_schedule, polynomial_schedule
 from kdq.prune.masks import IMPORTANCES, SCOPES, STRUCTURES
 from kdq.quant import QuantSpec
+from kdq.quant.qat import LSQ_INITS
 from kdq.quant.recipe import ACT_MODES, DEFAULT_PACT_ALPHA_DECAY, WEIGHT_MODES, QuantRecipe
 from kdq.rules import tree_paths
 
@@ -73,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
             # lambda of PACT's L2 penalty lambda * sum alpha^2 on the clipping
             # values (act_mode "pact"), as in Choi et al. 2018.
             "pact_alpha_decay": DEFAULT_PACT_ALPHA_DECAY,
+            # Initial LSQ steps: "calibration" (the calibrated scales, so QAT
+            # starts from the PTQ model with no weight clipped) or "paper"
+            # (2 <|v|> / sqrt(Q_P), Esser et al. 2020).
+            "lsq_init": "calibration",
         }
     )
 
@@ -309,6 +314,7 @@ FIELDS: dict[str, Field] = {
     "quant.calibration_batches": _COUNT,
     "quant.edge_layers": _TEXT,
     "quant.pact_alpha_decay": Field("float", low=0, note="act_mode 'pact' only"),
+    "quant.lsq_init": Field("choice", choices=LSQ_INITS),
     "prune.structure": Field("choice", choices=("none", *STRUCTURES)),
     "prune.sparsity": Field("float", low=0, high=1, high_open=True),
     "prune.n": _COUNT,
@@ -371,6 +377,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not field.accepts(value):
             raise ValueError(f"config.{path} must be {field.describe()}, got {value!r}")
     opt = config.optimizer
+    if opt.name == "adam" and opt.weight_decay:
+        raise ValueError(
+            f"config.optimizer.weight_decay={opt.weight_decay!r} has no effect with "
+            "config.optimizer.name='adam' (Adam without decoupled weight decay): set it to 0, "
+            "or use 'adamw'"
+        )
     if opt.warmup_steps >= config.num_steps:
         raise ValueError(
             f"config.optimizer.warmup_steps must be in [0, num_steps={config.num_steps}), "

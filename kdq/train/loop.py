@@ -151,8 +151,9 @@ def _check_same_config(workdir: str, previous: dict[str, Any], current: dict[str
         hint = (
             f" config.num_steps is {current.get('num_steps')!r} here but "
             f"{previous.get('num_steps')!r} in that run, and the learning-rate schedule spans "
-            "num_steps, so a run cannot be extended in place: start a new workdir with "
-            f"--config.init_from={workdir} to continue from its exported model."
+            "num_steps, so a run cannot be extended in place: train longer in a new "
+            "workdir (a float run's exported model can initialise it: "
+            f"--config.init_from={workdir})."
         )
     raise ValueError(
         f"{workdir} holds a run with a different config (fields {changed} differ); "
@@ -203,6 +204,7 @@ def _init_state(config, student, teacher, teacher_variables, objective, recipe, 
             recipe,
             _calibration_images(dataset, config),
             act_method=config.quant.act_calibration,
+            lsq_init=config.quant.lsq_init,
         )
     distill_params = {}
     if objective.needs_teacher:
@@ -358,12 +360,10 @@ def _train(
 def is_integer_model(recipe) -> bool:
     """Whether `recipe` yields a model that runs in integers end to end.
 
-    That needs quantized weights and activations whose ranges are fixed at
-    export ("static", "lsq" or "pact"; "dynamic" ranges are found at run time).
+    That needs quantized weights and quantized activations (static, learned
+    or dynamic ranges: `integer_apply` runs each of them on integer operands).
     """
-    return (
-        recipe.quantizes_weights and recipe.quantizes_activations and recipe.act_mode != "dynamic"
-    )
+    return recipe.quantizes_weights and recipe.quantizes_activations
 
 
 def _export(config, workdir, student, state, recipe, dataset) -> dict[str, Any]:
@@ -489,6 +489,13 @@ def _run(config, workdir, new_run, current, progress) -> dict[str, Any]:
         }
         # Tracing (not compiling) raises the loss terms' and the step's own errors now.
         jax.eval_shape(train_step, state, teacher_variables, batch)
+    if is_integer_model(recipe):
+        # The integer path checks each layer (e.g. its int32 accumulator bound)
+        # when it is traced: trace it now, not after training.
+        qmodel = to_quantized_model(
+            state.params, recipe, state.quant_params, model_state=state.model_state
+        )
+        jax.eval_shape(lambda q, x: integer_apply(student, q, x), qmodel, dummy)
     if new_run:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -84,3 +84,23 @@ def test_recipe_pact_alpha_decay_and_stochastic_learned_modes_are_checked():
     assert QuantRecipe.from_json(old).pact_alpha_decay == DEFAULT_PACT_ALPHA_DECAY
     nearest = recipe.with_nearest_rounding()
     assert nearest.weight_rules[0][1] == QuantSpec(bits=4) and not nearest.stochastic
+
+
+def test_static_ranges_of_a_stochastic_weight_recipe_are_measured_through_nearest_rounding(mlp):
+    model, variables, x = mlp
+    act_rules = [(".*", QuantSpec(bits=8))]
+
+    def recipe(rounding):
+        spec = QuantSpec(bits=4, axes=(-1,), rounding=rounding)
+        return QuantRecipe(
+            weight_rules=[(".*kernel", spec)], act_rules=act_rules, act_mode="static"
+        )
+
+    stochastic = init_quant_params(model, variables, recipe("stochastic"), [x])
+    nearest = init_quant_params(model, variables, recipe("nearest"), [x])
+    leaves = jax.tree_util.tree_leaves_with_path(stochastic["activations"])
+    assert leaves
+    for (path, got), want in zip(
+        leaves, jax.tree_util.tree_leaves(nearest["activations"]), strict=True
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))

@@ -379,3 +379,21 @@ def test_learned_state_names_missing_keys_and_modes():
         learned_step({"step": 0.1}, "Dense_0")
     with pytest.raises(ValueError, match=r"mode must be one of \('lsq', 'pact'\)"):
         learned_state(0.1, QuantSpec(), "static")
+
+
+def test_closed_over_steps_work_under_jit_and_traced_bad_values_give_nan():
+    x = jnp.linspace(-2.0, 2.0, 16, dtype=jnp.float32)
+    step = jnp.float32(0.25)
+    expected = np.clip(np.round(np.asarray(x) / 0.25), -8, 7) * 0.25
+    out = jax.jit(lambda t: lsq_fake_quant(x, step, QuantSpec(bits=4)) * t)(1.0)
+    np.testing.assert_array_equal(out, expected)
+    alpha = jnp.float32(1.5)
+    spec = QuantSpec(bits=4, signed=False)
+    expected = np.round(np.clip(np.asarray(x), 0.0, 1.5) / (1.5 / 15)) * np.float32(1.5 / 15)
+    out = jax.jit(lambda t: pact_fake_quant(x, alpha, spec) * t)(1.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    negative = -step  # concrete, closed over below
+    with pytest.raises(ValueError, match="step must be positive"):
+        jax.jit(lambda t: lsq_fake_quant(x, negative, QuantSpec(bits=4)) * t)(1.0)
+    assert np.isnan(jax.jit(lambda a: pact_fake_quant(x, a, spec))(-1.0)).all()
+    assert np.isnan(jax.jit(lambda s: lsq_fake_quant(x, s, QuantSpec(bits=4)))(0.0)).all()

@@ -126,6 +126,15 @@ def test_dependent_fields():
     with pytest.raises(ValueError, match=r"config.quant.act_calibration must be 'minmax', 'ema'"):
         config_lib.validate(config)
     config = default_config()
+    config.optimizer.name = "adam"
+    with pytest.raises(ValueError, match=r"weight_decay=0.0001 has no effect with .*'adam'"):
+        config_lib.validate(config)
+    config.optimizer.weight_decay = 0.0
+    config_lib.validate(config)
+    config.quant.lsq_init = "zeros"
+    with pytest.raises(ValueError, match=r"config.quant.lsq_init must be one of"):
+        config_lib.validate(config)
+    config = default_config()
     config.quant.weight_bits, config.quant.calibration = 4, "median"
     with pytest.raises(ValueError, match=r"^config.quant: calibration must be one of"):
         config_lib.validate(config)

@@ -106,6 +106,15 @@ def test_learning_rate_inf_is_refused_before_anything_runs(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_an_integer_model_that_would_overflow_int32_is_refused_before_training(tmp_path):
+    # 16-bit x 16-bit products over K = 64 inputs: 64 * 2^15 * 2^15 = 2^36 > 2^31 - 1.
+    config = _tiny()
+    config.quant.weight_bits, config.quant.act_bits, config.quant.act_mode = 16, 16, "static"
+    with pytest.raises(ValueError, match="int32 accumulator can overflow"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_garbled_config_json_names_the_file_and_what_to_do(tmp_path):
     (tmp_path / "config.json").write_text('{"seed": 0, "batch_si')
     with pytest.raises(
@@ -211,7 +220,7 @@ def test_float_report_fields(finished):
     assert not {k for k in report if "latency" in k or k == "checkpoint_bytes"}
 
 
-@pytest.mark.parametrize(("act_mode", "integer"), [("static", True), ("dynamic", False)])
+@pytest.mark.parametrize(("act_mode", "integer"), [("static", True), ("dynamic", True)])
 def test_test_accuracy_int_only_for_integer_models(act_mode, integer, tmp_path):
     config = _tiny()
     config.quant.weight_bits, config.quant.act_bits, config.quant.act_mode = 8, 8, act_mode
