@@ -116,8 +116,12 @@ def bits_summary(params: Any, recipe: QuantRecipe) -> dict[str, Any]:
     }
 
 
-def _kdq_commit() -> str:
-    """HEAD of the kdq checkout ('+' appended when kdq/ has local changes), or "unknown"."""
+def kdq_commit() -> str:
+    """HEAD of the kdq checkout ('+' appended when kdq/ has local changes), or "unknown".
+
+    Returns:
+      The 40-hex commit, with "+" when kdq/ differs from it; "unknown" outside git.
+    """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(
@@ -151,7 +155,7 @@ def provenance() -> dict[str, str]:
     devices = jax.devices()
     return {
         "kdq_version": __version__,
-        "kdq_commit": _kdq_commit(),
+        "kdq_commit": kdq_commit(),
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
         "device": f"{devices[0].platform}: {len(devices)} x {devices[0].device_kind}",

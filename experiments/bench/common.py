@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,9 +27,9 @@ from typing import Any
 import jax
 import numpy as np
 
-import kdq
 from kdq.data import eval_batches, load_dataset, train_batches
 from kdq.quant import QuantRecipe, QuantSpec
+from kdq.report import kdq_commit
 
 BATCH_SIZE = 256
 DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "kdq", "qwix", "aqtp")
@@ -212,25 +211,6 @@ def machine() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
     }
-
-
-def kdq_commit() -> str | None:
-    """The git commit of the kdq checkout measured ('+' when kdq/ has local changes)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kdq.__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "status", "--porcelain", "--", "kdq"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+" if changes else "")
 
 
 def versions() -> dict[str, str | None]:
