@@ -26,8 +26,14 @@ from ml_collections import config_flags
 from kdq.distill import Objective, apply_with_taps
 from kdq.quant import init_quant_params
 from kdq.sharding import make_mesh, shard_batch, tree_shardings
-from kdq.train import TrainState, make_optimizer, make_train_step, quant_recipe
-from kdq.train.config import build_model
+from kdq.train import (
+    TrainState,
+    build_model,
+    make_optimizer,
+    make_train_step,
+    pruning,
+    quant_recipe,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -62,7 +68,7 @@ def build(config, batch_size):
     student = build_model(config.model, classes)
     objective = Objective.from_config(config.losses.to_dict())
     recipe = quant_recipe(config)
-    tx = make_optimizer(config)
+    tx = make_optimizer(config, pruning(config))
     variables = dict(student.init(jax.random.PRNGKey(0), batch["image"]))
     params = variables.pop("params")
     quant_params = init_quant_params(

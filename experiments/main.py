@@ -1,7 +1,10 @@
-"""Runs one kdq experiment.
+"""Runs one kdq experiment: trains, evaluates and exports (`kdq.train.train_and_evaluate`).
 
     python -m experiments.main --config=experiments/configs/digits_kd.py \
         --workdir=runs/kd --config.seed=1
+
+Post-training quantization has its own entry point with the same flags,
+`python -m experiments.ptq` (`kdq.train.quantize_and_evaluate`).
 
 A command-line override that does not fit its field (`--config.quant.weight_bits=4.5`),
 or a config value out of its range, stops the run with one line naming the field,
@@ -10,6 +13,7 @@ what it accepts and what was given, before anything is loaded or compiled.
 
 import re
 import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -73,8 +77,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
-def main(argv):
-    del argv
+def summary_line(report: dict) -> str:
+    """The report's split metrics and the model's size, e.g. "val_accuracy 0.9769, ..."."""
+    metrics = [
+        f"{name} {value:.4f}"
+        for name, value in report.items()
+        if name.startswith(("val_", "test_")) and isinstance(value, float)
+    ]
+    return (
+        f"{', '.join(metrics)}; model payload {report['payload_bytes']} bytes "
+        f"({report['disk_bytes']} on disk)"
+    )
+
+
+def run(entry_point: Callable[..., dict]) -> None:
+    """Validates the config (one FATAL line when it is wrong), runs `entry_point`, prints a summary."""
     config = _CONFIG.value
     try:
         validate(config)
@@ -82,12 +99,12 @@ def main(argv):
         sys.exit(f"FATAL {e}")
     if config.distributed:
         initialize_distributed()
-    report = train_and_evaluate(config, _WORKDIR.value)
-    val = f"validation accuracy {report['val_accuracy']:.4f}, " if "val_accuracy" in report else ""
-    print(
-        f"{val}test accuracy {report['test_accuracy']:.4f}, model payload "
-        f"{report['payload_bytes']} bytes ({report['disk_bytes']} on disk)"
-    )
+    print(summary_line(entry_point(config, _WORKDIR.value)))
+
+
+def main(argv):
+    del argv
+    run(train_and_evaluate)
 
 
 if __name__ == "__main__":

@@ -27,16 +27,9 @@ import numpy as np
 
 from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec
-from kdq.rules import compile_rules, key_path_str
+from kdq.rules import PathRules, key_path_str
 
 FLOAT_BITS = 32
-
-
-def _first_spec(path: str, compiled: list) -> QuantSpec | None:
-    for regex, spec in compiled:
-        if regex.fullmatch(path):
-            return spec
-    return None
 
 
 def _bits_label(widths: Mapping[str, int], quantized: set[str]) -> tuple[int, str]:
@@ -83,12 +76,12 @@ def bits_summary(params: Any, recipe: QuantRecipe) -> dict[str, Any]:
       "act_bits": narrowest quantized activation width (32 if none),
       "act_bits_label": as for weights, by module path}.
     """
-    weight_rules = compile_rules(recipe.weight_rules, QuantSpec, name="weight_rules")
-    act_rules = compile_rules(recipe.act_rules, QuantSpec, name="act_rules")
+    weight_rules = PathRules(recipe.weight_rules, QuantSpec, name="weight_rules")
+    act_rules = PathRules(recipe.act_rules, QuantSpec, name="act_rules")
     layer_bits, sizes, quantized = {}, {}, set()
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = key_path_str(key_path)
-        spec = _first_spec(path, weight_rules)
+        spec = weight_rules.value(path)
         if spec is None:
             layer_bits[path] = 8 * np.dtype(leaf.dtype).itemsize
         else:
@@ -101,7 +94,7 @@ def bits_summary(params: Any, recipe: QuantRecipe) -> dict[str, Any]:
     modules = sorted(p.removesuffix("/kernel") for p in layer_bits if p.endswith("/kernel"))
     act_widths, act_quantized = {}, set()
     for module in modules:
-        spec = _first_spec(module, act_rules)
+        spec = act_rules.value(module)
         act_widths[module] = FLOAT_BITS if spec is None else spec.bits
         if spec is not None:
             act_quantized.add(module)

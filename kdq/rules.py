@@ -61,34 +61,92 @@ def tree_paths(tree: Any, *, is_leaf=None) -> list[str]:
     return [key_path_str(path) for path, _ in leaves]
 
 
-def compile_rules(rules: Rules, value_type: type | tuple[type, ...], *, name: str = "rules"):
-    """Validates `rules` and compiles their regexes.
+class PathRules:
+    """Compiled (regex, value) rules: the one path lookup of kdq.
+
+    Every selection by path (weights, activations, feature taps, pruning,
+    sharding, reports) goes through `PathRules.lookup`: the regexes are tried
+    in order with `re.fullmatch`, and the first that matches wins.
 
     Args:
       rules: a sequence of (regex, value) pairs; value is a `value_type` or None.
       value_type: the type(s) a rule's value may have besides None.
       name: the argument name used in error messages.
 
-    Returns:
-      A list of (compiled regex, value).
+    Raises:
+      ValueError: `rules` is not a sequence of pairs, a value has the wrong
+        type, or a regex does not compile; the message names `name[i]`.
+
+    >>> rules = PathRules([("head/.*", None), (".*/kernel", 4)], int)
+    >>> rules.lookup("Dense_0/kernel"), rules.lookup("head/kernel"), rules.lookup("x/bias")
+    ((1, 4), (0, None), (None, None))
     """
-    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
-        raise ValueError(f"{name} must be a list of (regex, value) pairs, got {name}={rules!r}")
-    compiled = []
-    for i, rule in enumerate(rules):
-        if not isinstance(rule, Sequence) or isinstance(rule, str) or len(rule) != 2:
-            raise ValueError(f"{name}[{i}] must be a (regex, value) pair, got {rule!r}")
-        pattern, value = rule
-        if value is not None and not isinstance(value, value_type):
-            raise ValueError(
-                f"{name}[{i}] value must be {value_type} or None, got {type(value).__name__}: "
-                f"{value!r}"
-            )
-        try:
-            compiled.append((re.compile(pattern), value))
-        except (re.error, TypeError) as e:
-            raise ValueError(f"{name}[{i}] regex {pattern!r} is invalid: {e}") from None
-    return compiled
+
+    def __init__(self, rules: Rules, value_type: type | tuple[type, ...], *, name: str = "rules"):
+        if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
+            raise ValueError(f"{name} must be a list of (regex, value) pairs, got {name}={rules!r}")
+        self.name = name
+        self._compiled: list[tuple[re.Pattern, Any]] = []
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, Sequence) or isinstance(rule, str) or len(rule) != 2:
+                raise ValueError(f"{name}[{i}] must be a (regex, value) pair, got {rule!r}")
+            pattern, value = rule
+            if value is not None and not isinstance(value, value_type):
+                raise ValueError(
+                    f"{name}[{i}] value must be {value_type} or None, got "
+                    f"{type(value).__name__}: {value!r}"
+                )
+            try:
+                self._compiled.append((re.compile(pattern), value))
+            except (re.error, TypeError) as e:
+                raise ValueError(f"{name}[{i}] regex {pattern!r} is invalid: {e}") from None
+
+    def __len__(self) -> int:
+        return len(self._compiled)
+
+    def __iter__(self):
+        """The (compiled regex, value) pairs, in order."""
+        return iter(self._compiled)
+
+    @property
+    def patterns(self) -> list[str]:
+        """The regexes as written."""
+        return [regex.pattern for regex, _ in self._compiled]
+
+    def lookup(self, path: str) -> tuple[int | None, Any]:
+        """(index, value) of the first rule whose regex fully matches `path`; (None, None) if none."""
+        for index, (regex, value) in enumerate(self._compiled):
+            if regex.fullmatch(path):
+                return index, value
+        return None, None
+
+    def matching(self, path: str) -> list[int]:
+        """Indices of every rule whose regex fully matches `path`, in order.
+
+        For selections where each rule stands alone (a feature tap per rule)
+        rather than the first match winning.
+        """
+        return [index for index, (regex, _) in enumerate(self._compiled) if regex.fullmatch(path)]
+
+    def value(self, path: str) -> Any:
+        """The value of the first rule matching `path`, or None (no rule, or a None rule)."""
+        return self.lookup(path)[1]
+
+
+def compile_rules(
+    rules: Rules, value_type: type | tuple[type, ...], *, name: str = "rules"
+) -> PathRules:
+    """Validates `rules` and compiles their regexes.
+
+    Args:
+      rules: (regex, value) pairs.
+      value_type: the type(s) a rule's value may have besides None.
+      name: the argument name used in error messages.
+
+    Returns:
+      The `PathRules`.
+    """
+    return PathRules(rules, value_type, name=name)
 
 
 def match_rules(paths: Sequence[str], rules: Rules, value_type, *, name: str = "rules") -> list:
@@ -112,20 +170,17 @@ def match_rules(paths: Sequence[str], rules: Rules, value_type, *, name: str = "
     ...             [("head/.*", None), (".*/kernel", 4)], int)
     [4, None, None]
     """
-    compiled = compile_rules(rules, value_type, name=name)
+    compiled = PathRules(rules, value_type, name=name)
     values, matched_any = [], False
     for path in paths:
-        value = None
-        for regex, rule_value in compiled:
-            if regex.fullmatch(path):
-                value, matched_any = rule_value, True
-                break
+        index, value = compiled.lookup(path)
+        matched_any = matched_any or index is not None
         values.append(value)
     if compiled and not matched_any:
         shown = "\n  ".join(paths[:50])
         more = f"\n  ... and {len(paths) - 50} more" if len(paths) > 50 else ""
         raise ValueError(
-            f"{name} {[p.pattern for p, _ in compiled]} match no leaf (regexes must match a "
+            f"{name} {compiled.patterns} match no leaf (regexes must match a "
             f"whole path, e.g. '.*/kernel'); available paths:\n  {shown}{more}"
         )
     return values

@@ -11,7 +11,7 @@ import pytest
 from flax import struct
 
 from kdq.quant import QuantSpec
-from kdq.rules import compile_rules, key_path_str, match_rules, tree_paths
+from kdq.rules import PathRules, compile_rules, key_path_str, match_rules, tree_paths
 
 
 class Pair(NamedTuple):
@@ -164,3 +164,29 @@ def test_value_type_tuple_and_compiled_patterns():
     assert all(isinstance(p, re.Pattern) for p, _ in compiled)
     assert match_rules(["x", "a"], [(r"a", 3), (r".*", None)], (int, float)) == [None, 3]
     assert match_rules(["w"], [(r"w", np.float32(1))], np.floating) == [np.float32(1)]
+
+
+def test_path_rules_lookup_matches_a_hand_written_table():
+    rules = PathRules(
+        [(r"params/head/.*", None), (r".*/kernel", 4), (r"params/Conv_\d+/.*", 8)], int
+    )
+    expected = {
+        "params/Conv_0/kernel": (1, 4),  # rules 1 and 2 match: the first wins
+        "params/Conv_12/bias": (2, 8),
+        "params/head/kernel": (0, None),  # a None rule still matches
+        "params/Dense_0/bias": (None, None),
+        "kernel": (None, None),  # ".*/kernel" needs a '/' before "kernel"
+        "params/Conv_0": (None, None),  # full matches only, no prefix match
+        "xparams/head/kernel": (1, 4),  # ... and no search inside the path
+    }
+    assert {path: rules.lookup(path) for path in expected} == expected
+    assert {path: rules.value(path) for path in expected} == {
+        path: value for path, (_, value) in expected.items()
+    }
+    assert rules.matching("params/Conv_0/kernel") == [1, 2]
+    assert rules.matching("params/head/kernel") == [0, 1]
+    assert rules.matching("params/Dense_0/bias") == []
+    assert len(rules) == 3
+    assert rules.patterns == [r"params/head/.*", r".*/kernel", r"params/Conv_\d+/.*"]
+    assert isinstance(compile_rules([(r".*", 1)], int), PathRules)
+    assert len(PathRules([], int)) == 0 and PathRules([], int).lookup("a") == (None, None)

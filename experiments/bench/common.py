@@ -1,165 +1,197 @@
-"""What every benchmark shares: timing, statistics, the digits setup, tables and JSON.
+"""What every benchmark shares: the digits setup, timing, statistics and the runner.
 
-Timing. Each configuration is warmed up (compilation, caches), then sampled
-`repeats` times; a sample is the median wall time of `number` back-to-back
-calls, each waited for with `jax.block_until_ready` (the median keeps the
-pauses of a shared machine out of it), where `number` is chosen so that a
-sample lasts at least `min_sample_s`. The configurations of one figure are
-sampled round-robin (the starting one rotating each round), so a drift of the
-machine's speed hits all of them alike, and a ratio between two of them is
-taken per round (paired) before its median and range are reported.
+A `Benchmark` declares its figures: each `Figure` holds calls timed side by side
+and the rows and goals made of their times (`ms`, `ratio`, `calls_per_sample`);
+`Benchmark.run` measures them, prints the tables and goals and writes the JSON.
+
+Timing. Each call is warmed up (compilation, caches), then sampled `repeats`
+times; a sample is the median wall time of `number` back-to-back calls, each
+waited for with `jax.block_until_ready` (the median keeps the pauses of a
+shared machine out of it), where `number` is chosen so that a sample lasts at
+least `min_sample_s`. The calls of one figure are sampled round-robin (the
+starting one rotating each round), so a drift of the machine's speed hits all
+of them alike, and a ratio between two of them is taken per round (paired)
+before its median and range are reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import json
 import math
+import operator
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
+import optax
 
 from kdq.data import eval_batches, load_dataset, train_batches
-from kdq.quant import QuantRecipe, QuantSpec
+from kdq.distill.objective import Objective
+from kdq.quant import FLOAT, QuantRecipe, QuantSpec, init_quant_params
 from kdq.report import kdq_commit
+from kdq.train import TrainState, make_train_step
 
 BATCH_SIZE = 256
+OPTIMIZER, TX = "adam(1e-3)", optax.adam(1e-3)  # the optimizer of every train step measured
 DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "kdq", "qwix", "aqtp")
 
 
-def quant_recipe(bits: int) -> QuantRecipe:
-    """W<bits>A<bits>: weights per output channel, activations per tensor, dynamic ranges."""
+def quant_recipe(bits: int | None, act_mode: str = "dynamic") -> QuantRecipe:
+    """W<bits>A<bits>: weights per output channel, activations per tensor; None: FLOAT."""
+    if bits is None:
+        return FLOAT
     return QuantRecipe(
         weight_rules=[(".*kernel", QuantSpec(bits=bits, axes=(-1,)))],
         act_rules=[(".*", QuantSpec(bits=bits))],
-        act_mode="dynamic",
+        act_mode=act_mode,
     )
 
 
-def digits():
-    """The embedded digits dataset (1437 train / 360 test 8x8x1 images)."""
-    return load_dataset("digits")
+def recipes(configs: Iterable[tuple[str, int | None]]) -> dict[str, Any]:
+    """The JSON of `quant_recipe(bits)` by label (None for the float model)."""
+    return {
+        label: None if bits is None else quant_recipe(bits).to_json() for label, bits in configs
+    }
 
 
-def train_stream(data, seed: int, batch_size: int = BATCH_SIZE):
-    """kdq's shuffled training batches of `data` for `seed`, as device arrays."""
-    for batch in train_batches(data, batch_size=batch_size, seed=seed, num_threads=0):
+def batches(split: str = "train", *, seed: int = 0) -> Iterator[dict[str, jax.Array]]:
+    """Digits (1437 train / 360 test 8x8x1 images) as device batches: "train", kdq's
+    shuffled training batches of `BATCH_SIZE` for `seed`; "test", one masked batch.
+    """
+    data = load_dataset("digits")
+    if split == "train":
+        found = train_batches(data, batch_size=BATCH_SIZE, seed=seed, num_threads=0)
+    else:
+        found = eval_batches(data, batch_size=len(data.test), num_threads=0)
+    for batch in found:
         yield jax.device_put(batch)
 
 
-def first_batch(data, seed: int = 0, batch_size: int = BATCH_SIZE) -> dict[str, jax.Array]:
-    """One training batch of `batch_size` digits images and labels."""
-    return next(train_stream(data, seed, batch_size))
+def init_params(model, batch, seed: int = 0):
+    """`model`'s initial params for PRNGKey(seed), shaped by `batch`'s images."""
+    return model.init(jax.random.PRNGKey(seed), batch["image"])["params"]
 
 
-def test_batches(data) -> list[dict[str, jax.Array]]:
-    """The digits test split as one masked batch."""
-    return [jax.device_put(b) for b in eval_batches(data, batch_size=len(data.test), num_threads=0)]
+def copy(tree):
+    """A copy of every array of `tree` (the steps donate their state)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def accuracy(logits_fn: Callable[[jax.Array], jax.Array], batches) -> float:
-    """Fraction of the unmasked examples of `batches` that `logits_fn` classifies correctly."""
-    correct = count = 0
-    for batch in batches:
-        predicted = np.asarray(jax.device_get(logits_fn(batch["image"]).argmax(-1)))
-        mask = np.asarray(batch["mask"])
-        correct += int(np.sum((predicted == np.asarray(batch["label"])) & mask))
-        count += int(np.sum(mask))
-    return correct / count
+def train_state(model, params, recipe: QuantRecipe) -> TrainState:
+    """A step-0 `TrainState` holding a copy of `params`."""
+    params = copy(params)
+    quant_params = init_quant_params(model, {"params": params}, recipe)
+    return TrainState.create(
+        params=params, tx=TX, key=jax.random.PRNGKey(0), quant_params=quant_params
+    )
+
+
+def train_step(model, recipe: QuantRecipe, objective: Objective | None = None, teacher=None):
+    """kdq's `make_train_step` with `TX`; `objective` defaults to cross-entropy alone."""
+    objective = objective or Objective.from_config({"ce": {"weight": 1.0}})
+    return make_train_step(model, objective, TX, teacher=teacher, recipe=recipe)
+
+
+def train_call(model, params, recipe, batch, objective=None, teacher=None, teacher_variables=None):
+    """A no-argument call of `train_step(...)` from `train_state(...)`."""
+    step = train_step(model, recipe, objective, teacher)
+    return stepper(step, train_state(model, params, recipe), teacher_variables, batch)
 
 
 def stepper(step: Callable[..., tuple[Any, ...]], state: Any, *args: Any) -> Callable[[], Any]:
-    """A no-argument call of a train step that threads its (donated) state through.
-
-    `step(state, *args)` returns (new_state, ...); each call feeds the previous
-    call's new state back in, as a training loop does.
-    """
-    holder = [state]
+    """A no-argument call of `step(state, *args) -> (new_state, ...)` that threads the state."""
 
     def call():
-        outputs = step(holder[0], *args)
-        holder[0] = outputs[0]
-        return outputs
+        nonlocal state
+        state, *outputs = step(state, *args)
+        return (state, *outputs)
 
     return call
 
 
-def time_interleaved(
-    calls: Mapping[str, Callable[[], Any]],
-    *,
-    repeats: int,
-    warmup: int = 3,
-    min_sample_s: float = 0.1,
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Seconds per call of each entry of `calls`, sampled round-robin after warm-up.
-
-    Args:
-      calls: name -> a no-argument function whose result is waited for.
-      repeats: samples per entry.
-      warmup: untimed calls of each entry first.
-      min_sample_s: least duration of one sample (sets the calls per sample).
-
-    Returns:
-      ({name: [median seconds per call, one per sample]}, {name: calls per sample}).
+def time_interleaved(calls, *, repeats: int, warmup=3, min_sample_s=0.1, clock=time.perf_counter):
+    """({name: seconds per call, one per sample}, {name: calls per sample}) of `calls`
+    (name -> a no-argument call), sampled as the module says.
     """
+
+    def timed(call):
+        start = clock()
+        jax.block_until_ready(call())
+        return clock() - start
+
     numbers = {}
     for name, call in calls.items():
         for _ in range(warmup):
             jax.block_until_ready(call())
-        single = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            single.append(time.perf_counter() - start)
-        numbers[name] = max(1, math.ceil(min_sample_s / max(min(single), 1e-7)))
+        single = min(timed(call) for _ in range(3))
+        numbers[name] = max(1, math.ceil(min_sample_s / max(single, 1e-7)))
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            call, times = calls[name], []
-            for _ in range(numbers[name]):
-                start = time.perf_counter()
-                jax.block_until_ready(call())
-                times.append(time.perf_counter() - start)
+            times = [timed(calls[name]) for _ in range(numbers[name])]
             samples[name].append(statistics.median(times))
     return samples, numbers
 
 
 def summary(values: Sequence[float], scale: float = 1.0) -> dict[str, float | int]:
     """Median, min and max of `values` (times `scale`) and how many there are."""
-    scaled = [scale * v for v in values]
-    return {
-        "median": statistics.median(scaled),
-        "min": min(scaled),
-        "max": max(scaled),
-        "repeats": len(scaled),
-    }
+    s = [scale * v for v in values]
+    return {"median": statistics.median(s), "min": min(s), "max": max(s), "repeats": len(s)}
 
 
-def ms(values: Sequence[float]) -> dict[str, float | int]:
-    """`summary` of durations in seconds, in milliseconds."""
-    return summary(values, 1e3)
+def _total(samples: Mapping[str, Sequence[float]], names: str | Sequence[str]) -> list[float]:
+    names = [names] if isinstance(names, str) else names
+    return [sum(times) for times in zip(*(samples[name] for name in names), strict=True)]
 
 
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, Any]:
-    """`summary` of the per-round ratios numerator[i] / denominator[i]."""
-    return summary([n / d for n, d in zip(numerator, denominator, strict=True)])
+def ms(calls: str | Sequence[str]) -> Callable:
+    """`summary` of the per-round total milliseconds of `calls`."""
+    return lambda samples, numbers: summary(_total(samples, calls), 1e3)
 
 
-def fmt(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """'median (min-max)' of a `summary`, or '-' when there is none."""
-    if not stat:
-        return "-"
-    return f"{stat['median']:.{digits}f} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
+def ratio(calls: str | Sequence[str], over: str | Sequence[str]) -> Callable:
+    """`summary` of the per-round ratios of the total time of `calls` to that of `over`."""
+
+    def measure(samples, numbers):
+        pairs = zip(_total(samples, calls), _total(samples, over), strict=True)
+        return summary([n / d for n, d in pairs])
+
+    return measure
+
+
+def calls_per_sample(names: str | Sequence[str]) -> Callable:
+    """The calls per sample of `names`: an int for one name, a dict by name for several."""
+    one = isinstance(names, str)
+    return lambda samples, numbers: numbers[names] if one else {n: numbers[n] for n in names}
+
+
+def goal(name: str, value: Any, limit: float, *, at_most: bool = True, note: str = "") -> dict:
+    """A goal check: `value` (a number, or a measure whose median is checked) against `limit`."""
+    direction = "<=" if at_most else ">="
+    return dict(goal=name, value=value, limit=limit, direction=direction, met=None, note=note)
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """Calls timed side by side, and the rows and `goal`s made of their times: a measure
+    in a row or goal (`ms`, `ratio`, `calls_per_sample`) is replaced by what it measures.
+    """
+
+    calls: Mapping[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
+    rows: Sequence[Mapping[str, Any]] = ()
+    goals: Sequence[Mapping[str, Any]] = ()
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -171,17 +203,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def goal(name: str, value: float | None, limit: float, *, at_most: bool, note: str = "") -> dict:
-    """One goal check: `value` against `limit` (at most, or at least)."""
-    met = None if value is None else (value <= limit if at_most else value >= limit)
-    return {
-        "goal": name,
-        "value": value,
-        "limit": limit,
-        "direction": "<=" if at_most else ">=",
-        "met": met,
-        "note": note,
+def cell(value: Any) -> str:
+    """A table cell: 'median (min-max)' of a summary, '-' for None, numbers to 4 digits."""
+    if isinstance(value, dict):
+        return "{median:.4g} ({min:.4g}-{max:.4g})".format(**value)
+    if isinstance(value, list):
+        return " ".join(map(cell, value))
+    text = "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def rows_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """`rows` as a table of their fields, but those holding a dict that is not a summary."""
+    shown = {
+        k: 0 for row in rows for k, v in row.items() if not isinstance(v, dict) or "median" in v
     }
+    return table(list(shown), [[cell(row.get(k)) for k in shown] for row in rows])
 
 
 def goals_table(goals: Sequence[Mapping[str, Any]]) -> str:
@@ -194,16 +231,17 @@ def goals_table(goals: Sequence[Mapping[str, Any]]) -> str:
     return table(["goal", "median", "target", "result", "note"], rows)
 
 
-def machine() -> dict[str, Any]:
-    """The machine the figures were measured on."""
+def environment() -> dict[str, dict[str, Any]]:
+    """The machine measured on, and the versions of Python and of `DISTRIBUTIONS` (None:
+    not installed).
+    """
     processor = platform.processor()
-    try:
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         processor = names[0] if names else processor
-    except OSError:
-        pass
-    return {
+    installed = {d.name: d.version for d in importlib.metadata.distributions()}
+    machine = {
         "platform": platform.platform(),
         "processor": processor,
         "cpu_count": os.cpu_count(),
@@ -211,71 +249,93 @@ def machine() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
     }
+    versions = {"python": platform.python_version()} | {n: installed.get(n) for n in DISTRIBUTIONS}
+    return {"machine": machine, "versions": versions | {"kdq_commit": kdq_commit()}}
 
 
-def versions() -> dict[str, str | None]:
-    """Python and the versions of the libraries measured (None when not installed)."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in DISTRIBUTIONS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    found["kdq_commit"] = kdq_commit()
-    return found
+OPTIONS = {  # every benchmark's command-line options: argparse keywords by destination
+    "repeats": dict(type=int, help="timed samples per figure"),
+    "warmup": dict(type=int, default=3, help="untimed calls before sampling"),
+    "min_sample_s": dict(type=float, default=0.1, help="least seconds of a sample"),
+    "steps": dict(type=int, default=300, help="training steps of the accuracy runs"),
+    "seeds": dict(type=int, nargs="+", default=[0, 1, 2], help="seeds of the accuracy runs"),
+}
+SAMPLING = ("repeats", "warmup", "min_sample_s")  # the options of `time_interleaved`
 
 
-def parser(
-    description: str, name: str, *, repeats: int = 15, sampling: bool = True
-) -> argparse.ArgumentParser:
-    """The command-line options of a benchmark (`sampling`: the options of `time_interleaved`)."""
-    p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--repeats", type=int, default=repeats, help="timed samples per figure")
-    if sampling:
-        p.add_argument("--warmup", type=int, default=3, help="untimed calls before sampling")
-        p.add_argument(
-            "--min-sample-s", type=float, default=0.1, help="least duration of one timed sample"
-        )
-    p.add_argument(
-        "--out", default=os.path.join("runs", "bench", f"{name}.json"), help="JSON output path"
-    )
-    return p
+def add_options(p: argparse.ArgumentParser, names: Iterable[str], **overrides) -> None:
+    """Adds the `OPTIONS` of `names` to `p`, `overrides` replacing argparse keywords."""
+    for name in names:
+        p.add_argument("--" + name.replace("_", "-"), **{**OPTIONS[name], **overrides})
 
 
-def sampling_settings(args) -> dict[str, Any]:
-    """The sampling options every benchmark records in its JSON.
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """A benchmark script: `figures(args)` yields its `Figure`s for the options it takes.
 
-    Args:
-      args: the parsed command line (from `parser`).
-
-    Returns:
-      {"repeats", "warmup", "min_sample_s"}.
+    `tables`: the title of the one table, or {title: which rows it shows} in the
+    order the JSON lists the rows; a title is formatted with the description, the
+    options and the `settings` (what the JSON records besides the options).
     """
-    return {"repeats": args.repeats, "warmup": args.warmup, "min_sample_s": args.min_sample_s}
 
+    name: str
+    description: str
+    figures: Callable[[argparse.Namespace], Iterable[Figure]]
+    settings: Mapping[str, Any]
+    tables: str | Mapping[str, Callable[[Mapping[str, Any]], bool]]
+    repeats: int = 15
+    options: Sequence[str] = SAMPLING
 
-def report(
-    name: str,
-    description: str,
-    settings: Mapping[str, Any],
-    rows: Sequence[Mapping[str, Any]],
-    goals: Sequence[Mapping[str, Any]],
-    notes: Sequence[str] = (),
-) -> dict[str, Any]:
-    """The JSON document of one benchmark."""
-    return {
-        "benchmark": name,
-        "description": description,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
-        "settings": dict(settings),
-        "figures": list(rows),
-        "goals": list(goals),
-        "notes": list(notes),
-    }
+    def main(self, argv: Sequence[str] | None = None, **given) -> dict:
+        """Parses `argv` (`given` options replace them) and `run`s; --help: the script's doc."""
+        p = argparse.ArgumentParser(
+            description=sys.modules[self.figures.__module__].__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_options(p, self.options)
+        p.set_defaults(repeats=self.repeats)
+        p.add_argument("--out", default=os.path.join("runs", "bench", f"{self.name}.json"))
+        return self.run(argparse.Namespace(**{**vars(p.parse_args(argv)), **given}))
+
+    def run(self, args: argparse.Namespace, clock=time.perf_counter) -> dict:
+        """Measures the figures in turn, prints the tables and goals; writes, returns the JSON."""
+        options = {k: v for k, v in vars(args).items() if k != "out"}
+        rows, goals = [], []
+        for figure in self.figures(args):
+            samples, numbers = {}, {}
+            if figure.calls:
+                sampling = {k: options[k] for k in SAMPLING}
+                samples, numbers = time_interleaved(figure.calls, **sampling, clock=clock)
+            filled = [
+                {k: v(samples, numbers) if callable(v) else v for k, v in entry.items()}
+                for entry in (*figure.rows, *figure.goals)
+            ]
+            rows += filled[: len(figure.rows)]
+            for check in filled[len(figure.rows) :]:
+                value = check["value"]
+                value = check["value"] = value["median"] if isinstance(value, dict) else value
+                compare = operator.le if check["direction"] == "<=" else operator.ge
+                check["met"] = None if value is None else compare(value, check["limit"])
+                goals.append(check)
+        tables = {self.tables: lambda row: True} if isinstance(self.tables, str) else self.tables
+        fields = {"description": self.description, **options, **self.settings}
+        tables = {title.format(**fields): shows for title, shows in tables.items()}
+        for title, shows in tables.items():
+            print(f"\n== {title}\n{rows_table([row for row in rows if shows(row)])}")
+        if goals:
+            print(goals_table(goals))
+        document = {
+            "benchmark": self.name,
+            "description": self.description,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **environment(),
+            "settings": {**options, **self.settings},
+            "figures": [row for shows in tables.values() for row in rows if shows(row)],
+            "goals": goals,
+            "notes": [],
+        }
+        write(document, args.out)
+        return document
 
 
 def write(document: Mapping[str, Any], path: str) -> None:

@@ -2,7 +2,10 @@
 
 Per-channel int8 weights (absmax), static per-tensor int8 activation ranges
 from 4 calibration batches (min/max). `--config.init_from` is the float run
-(default runs/digits_teacher).
+(default runs/digits_teacher). Nothing is trained: run it with the PTQ entry point,
+
+    python -m experiments.ptq --config=experiments/configs/digits_ptq_w8a8.py \
+        --workdir=runs/ptq_w8a8
 """
 
 from experiments.configs import digits_teacher
@@ -10,7 +13,6 @@ from experiments.configs import digits_teacher
 
 def get_config():
     config = digits_teacher.get_config()
-    config.mode = "ptq"
     config.init_from = "runs/digits_teacher"
     config.quant.weight_bits = 8
     config.quant.act_bits = 8

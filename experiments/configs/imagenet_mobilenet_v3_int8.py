@@ -15,7 +15,8 @@ torchvision's quantized MobileNets use affine uint8 activations instead;
 kdq's integer path takes symmetric quantizers only. BatchNorm stays a float
 op after each integer convolution rather than being folded into the weights.
 
-* "ptq": post-training quantization, no training. Activation scales come
+* "ptq": post-training quantization, no training (run it with
+  `python -m experiments.ptq`; the "qat" configs with `experiments.main`). Activation scales come
   from 32 calibration batches of 32 training images (centre crops),
   torchvision's PTQ setting (pytorch/vision
   `references/classification/train_quantization.py`, num_calibration_batches
@@ -74,7 +75,6 @@ def get_config(arg: str = "mobilenet_v3_large,ptq"):
     config.quant.act_signed = True
     config.quant.act_calibration = "percentile,99.99"
     if mode == "ptq":
-        config.mode = "ptq"
         config.quant.act_mode = "static"
         config.batch_size = 32
         config.quant.calibration_batches = 32

@@ -1,4 +1,9 @@
-"""Datasets and grain input pipelines for image classification, without TensorFlow."""
+"""Datasets and grain input pipelines for any kind of example, without TensorFlow.
+
+A ``Dataset`` is splits of raw examples plus the ``Features`` that check them and make
+them model-ready; ``ImageFeatures`` (one image, one class label) is what every loader
+here gives: the embedded digits, TFDS catalog datasets and ``from_arrays``.
+"""
 
 from kdq.data.arrays import from_arrays
 from kdq.data.augment import Augment, RandomAugment, pad_and_crop
@@ -13,11 +18,17 @@ from kdq.data.core import (
     Dataset,
     Example,
     ExampleSource,
-    check_label,
-    check_mean_std,
+    check_num_classes,
     default_data_dir,
 )
 from kdq.data.digits import load_digits
+from kdq.data.features import (
+    Features,
+    ImageExample,
+    ImageFeatures,
+    check_label,
+    check_mean_std,
+)
 from kdq.data.geometry import resize_and_center_crop, resize_bilinear, sample_inception_box
 from kdq.data.load import load_dataset
 from kdq.data.pipeline import Batch, eval_batches, train_batches
@@ -33,10 +44,14 @@ __all__ = [
     "DatasetNotPreparedError",
     "Example",
     "ExampleSource",
+    "Features",
+    "ImageExample",
+    "ImageFeatures",
     "RandomAugment",
     "TfdsSource",
     "check_label",
     "check_mean_std",
+    "check_num_classes",
     "default_augment",
     "default_data_dir",
     "eval_batches",

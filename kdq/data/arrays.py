@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kdq.data.core import Dataset
+from kdq.data.core import Dataset, check_num_classes
+from kdq.data.features import ImageFeatures
 from kdq.data.sources import ArraySource
 
 
@@ -47,6 +48,56 @@ def _check_labels(split: str, labels: np.ndarray, num_images: int) -> np.ndarray
     return labels
 
 
+def _checked_splits(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray] | None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each given split's checked (images, labels); every split like train's images."""
+    given = {"train": train, "test": test}
+    if validation is not None:
+        given["validation"] = validation
+    splits = {}
+    for split, arrays in given.items():
+        if not isinstance(arrays, (tuple, list)) or len(arrays) != 2:
+            raise ValueError(
+                f"{split} must be a pair (images, labels), got {type(arrays).__name__}"
+            )
+        images = _check_images(split, arrays[0])
+        splits[split] = (images, _check_labels(split, arrays[1], len(images)))
+    train_images = splits["train"][0]
+    for split, (images, _) in splits.items():
+        if images.shape[1:] != train_images.shape[1:]:
+            raise ValueError(
+                f"train images have shape {train_images.shape[1:]} per example but {split} "
+                f"images {images.shape[1:]}"
+            )
+        if images.dtype != train_images.dtype:
+            raise ValueError(
+                f"train images have dtype {train_images.dtype} but {split} images {images.dtype}"
+            )
+    return splits
+
+
+def _checked_num_classes(
+    splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int | None
+) -> int:
+    """The given number of classes, or the largest label plus one; every label below it."""
+    if num_classes is None:
+        num_classes = max(int(labels.max()) for _, labels in splits.values()) + 1
+    num_classes = check_num_classes(num_classes)
+    for split, (_, labels) in splits.items():
+        outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if outside.size:
+            index = int(outside[0])
+            raise ValueError(
+                f"{split} label {int(labels[index])} at index {index} is outside "
+                f"[0, {num_classes}) ({split} labels span [{labels.min()}, {labels.max()}]); "
+                "fix the labels or pass num_classes covering every class"
+            )
+    return num_classes
+
+
 def from_arrays(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
@@ -74,12 +125,15 @@ def from_arrays(
         name: Name of the returned dataset.
         pixel_scale: Value images are divided by to map them to [0, 1]; defaults
             to 255 for uint8 images and 1 for every other dtype.
-        mean: Per-channel mean of the images scaled to [0, 1], kept as
-            ``Dataset.mean``; None (default) for no normalisation.
+        mean: Per-channel mean of the images scaled to [0, 1], kept in the
+            features (``features.normalized()`` standardises with it); None
+            (default) for none.
         std: Per-channel standard deviation, given exactly when ``mean`` is.
 
     Returns:
-        A ``Dataset`` whose sources return the given arrays' rows.
+        A ``Dataset`` whose sources return the given arrays' rows, with
+        ``ImageFeatures(shape=(H, W, C), pixel_scale, mean, std)`` (normalisation
+        off).
 
     Raises:
         ValueError: On a wrong shape or dtype, NaN or inf pixels, mismatched
@@ -87,63 +141,14 @@ def from_arrays(
             positive integer, a non-positive pixel_scale, or mean and std that
             are not both None or both valid per channel.
     """
-    given = {"train": train, "test": test}
-    if validation is not None:
-        given["validation"] = validation
-    splits = {}
-    for split, arrays in given.items():
-        if not isinstance(arrays, (tuple, list)) or len(arrays) != 2:
-            raise ValueError(
-                f"{split} must be a pair (images, labels), got {type(arrays).__name__}"
-            )
-        images = _check_images(split, arrays[0])
-        splits[split] = (images, _check_labels(split, arrays[1], len(images)))
+    splits = _checked_splits(train, test, validation)
+    num_classes = _checked_num_classes(splits, num_classes)
     train_images = splits["train"][0]
-    for split, (images, _) in splits.items():
-        if images.shape[1:] != train_images.shape[1:]:
-            raise ValueError(
-                f"train images have shape {train_images.shape[1:]} per example but {split} "
-                f"images {images.shape[1:]}"
-            )
-        if images.dtype != train_images.dtype:
-            raise ValueError(
-                f"train images have dtype {train_images.dtype} but {split} images {images.dtype}"
-            )
-    if num_classes is None:
-        num_classes = max(int(labels.max()) for _, labels in splits.values()) + 1
-    elif (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, (int, np.integer))
-        or num_classes < 1
-    ):
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    num_classes = int(num_classes)
-    for split, (_, labels) in splits.items():
-        outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
-        if outside.size:
-            index = int(outside[0])
-            raise ValueError(
-                f"{split} label {int(labels[index])} at index {index} is outside "
-                f"[0, {num_classes}) ({split} labels span [{labels.min()}, {labels.max()}]); "
-                "fix the labels or pass num_classes covering every class"
-            )
     if pixel_scale is None:
         pixel_scale = 255.0 if train_images.dtype == np.uint8 else 1.0
-    if not pixel_scale > 0 or not np.isfinite(pixel_scale):
-        raise ValueError(f"pixel_scale must be positive and finite, got {pixel_scale}")
+    features = ImageFeatures(train_images.shape[1:], pixel_scale, mean, std)
     sources = {
         split: ArraySource(images, labels, num_classes=num_classes, split=f"{name} {split}")
         for split, (images, labels) in splits.items()
     }
-    height, width, channels = train_images.shape[1:]
-    return Dataset(
-        name=name,
-        train=sources["train"],
-        test=sources["test"],
-        validation=sources.get("validation"),
-        num_classes=num_classes,
-        image_shape=(height, width, channels),
-        pixel_scale=float(pixel_scale),
-        mean=None if mean is None else tuple(map(float, mean)),
-        std=None if std is None else tuple(map(float, std)),
-    )
+    return Dataset(name=name, features=features, num_classes=num_classes, **sources)

@@ -7,7 +7,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from kdq.data.core import Example
+from kdq.data.features import ImageExample
 from kdq.data.geometry import resize_bilinear, sample_inception_box
 
 
@@ -76,7 +76,7 @@ class RandomAugment(grain.transforms.RandomMap):
         self.config = config
         self.image_size = image_size
 
-    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+    def random_map(self, element: ImageExample, rng: np.random.Generator) -> ImageExample:
         """Augments one example.
 
         Args:

@@ -25,8 +25,9 @@ import tensorflow_datasets as tfds
 
 from kdq.data.augment import Augment
 from kdq.data.core import Dataset, default_data_dir
+from kdq.data.features import ImageFeatures
 from kdq.data.geometry import EVAL_CROP_FRACTION
-from kdq.data.sources import TfdsSource
+from kdq.data.sources import tfds_dataset
 
 PIXEL_SCALE = 255.0
 VALIDATION_PERCENT = 10
@@ -244,11 +245,12 @@ def load_catalog_dataset(
             images in their ``raw`` attribute), otherwise the stored size.
 
     Returns:
-        A ``Dataset`` with uint8 images, ``pixel_scale`` 255 and, for ``CATALOG``
-        datasets, the standard ``mean`` and ``std``. Train and test splits come
-        from ``CATALOG`` when listed there, otherwise "train" and "test" (or
-        "validation" when there is no "test"); the validation split is chosen
-        as the module docstring says, and train loses the examples it holds.
+        A ``Dataset`` of uint8 images whose ``ImageFeatures`` have
+        ``pixel_scale`` 255 and, for ``CATALOG`` datasets, the standard ``mean``
+        and ``std``. Train and test splits come from ``CATALOG`` when listed
+        there, otherwise "train" and "test" (or "validation" when there is no
+        "test"); the validation split is chosen as the module docstring says,
+        and train loses the examples it holds.
 
     Raises:
         ValueError: If TFDS does not know ``name``, the dataset is not image
@@ -291,24 +293,7 @@ def load_catalog_dataset(
             raise DatasetNotPreparedError(_wrong_format_message(name, builder, data_dir)) from None
         raise
     num_classes = builder.info.features["label"].num_classes
-    train, validation, test = (
-        TfdsSource(
-            split_records,
-            image_size,
-            entry.crop_fraction,
-            num_classes=num_classes,
-            split=f"{name} {spec}",
-        )
-        for spec, split_records in zip(specs.values(), records, strict=True)
-    )
-    return Dataset(
-        name=name,
-        train=train,
-        validation=validation,
-        test=test,
-        num_classes=num_classes,
-        image_shape=image_shape,
-        pixel_scale=PIXEL_SCALE,
-        mean=entry.mean,
-        std=entry.std,
+    features = ImageFeatures(image_shape, PIXEL_SCALE, entry.mean, entry.std)
+    return tfds_dataset(
+        name, specs, records, features, num_classes, image_size, entry.crop_fraction
     )

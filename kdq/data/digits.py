@@ -37,7 +37,8 @@ from sklearn.datasets import load_digits as sklearn_load_digits
 from sklearn.model_selection import train_test_split
 
 from kdq.data.core import Dataset, default_data_dir
-from kdq.data.sources import TfdsSource
+from kdq.data.features import ImageFeatures
+from kdq.data.sources import tfds_dataset
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
@@ -158,24 +159,13 @@ def load_digits(data_dir: str | None = None, image_size: int | None = None) -> D
 
     Returns:
         A ``Dataset`` named "digits": uint8 images of shape (8, 8, 1) (or the
-        requested size) with values 0..16 (``pixel_scale`` 16), labels 0..9,
-        1149 train, 288 validation and 360 test examples (module docstring),
-        and no normalisation statistics.
+        requested size) with values 0..16, labels 0..9, 1149 train, 288
+        validation and 360 test examples (module docstring); its
+        ``ImageFeatures`` have ``pixel_scale`` 16 and no mean or std.
     """
     builder = prepare_digits(data_dir or default_data_dir())
-    names = ("train", "validation", "test")
-    records = builder.as_data_source(split=list(names))
-    image_shape = IMAGE_SHAPE if image_size is None else (image_size, image_size, 1)
-    train, validation, test = (
-        TfdsSource(split_records, image_size, num_classes=NUM_CLASSES, split=f"digits {name}")
-        for name, split_records in zip(names, records, strict=True)
-    )
-    return Dataset(
-        name="digits",
-        train=train,
-        validation=validation,
-        test=test,
-        num_classes=NUM_CLASSES,
-        image_shape=image_shape,
-        pixel_scale=PIXEL_SCALE,
-    )
+    specs = {name: name for name in ("train", "validation", "test")}
+    records = builder.as_data_source(split=list(specs.values()))
+    shape = IMAGE_SHAPE if image_size is None else (image_size, image_size, 1)
+    features = ImageFeatures(shape, PIXEL_SCALE)
+    return tfds_dataset("digits", specs, records, features, NUM_CLASSES, image_size)

@@ -1,5 +1,10 @@
 """grain input pipelines: an endless, resumable training stream and padded eval passes.
 
+The pipelines are the same for every kind of example: a ``Features`` object (the
+Dataset's, or the ``features`` argument) checks each raw example as it is read,
+turns it into model-ready numpy arrays (``prepare``) and says how to pad an
+evaluation batch; a batch stacks the prepared examples along a new leading axis.
+
 Training order: epoch ``e`` visits the split in the order
 ``np.random.default_rng([seed, e]).permutation(n)`` and keeps its first
 ``(n // batch_size) * batch_size`` examples, so every batch belongs to one epoch
@@ -9,13 +14,31 @@ and the remainder (a different one each epoch) is dropped. Example position
 ``seed`` and ``p``. Resuming at step ``k`` just starts reading at position
 ``k * batch_size``.
 
-Each example is read (from the source's ``raw`` images when the Inception crop
-is on and the source has them) and checked: its label must be a scalar integer
-in [0, num_classes) (``check_label``) and a floating-point image must be finite,
-else a ValueError names the split, the example's index in it and the value; grain
-re-raises it unchanged from its reader threads. The example is then augmented,
-divided by the pixel scale into [0, 1] and, when ``mean`` and ``std`` are given,
-normalised per channel as ``(x - mean) / std``.
+Each example is read (for images: from the source's ``raw`` images when the
+Inception crop is on and the source has them) and checked by ``features.check``
+(``ImageFeatures``: the label must be a scalar integer in [0, num_classes),
+``check_label``, and a floating-point image must be finite), else a ValueError
+names the split, the example's index in it and the value; grain re-raises it
+unchanged from its reader threads. The example is then augmented (images only)
+and prepared (``ImageFeatures``: divided by the pixel scale into [0, 1] and, when
+the features are ``normalized()``, standardised per channel as ``(x - mean) / std``).
+
+Arguments both pipelines take:
+
+- ``data``: a ``Dataset`` (the pipeline reads one of its splits) or a bare
+  example source.
+- ``batch_size``: examples per batch.
+- ``features``: how examples are checked and prepared; defaults to the
+  Dataset's and is required for a bare source (e.g.
+  ``features=dataset.features.normalized()`` to standardise images).
+- ``num_classes``: the examples' class indices must lie in [0, num_classes);
+  defaults to the Dataset's, else the source's ``num_classes`` attribute (every
+  kdq source has one), else only non-negativity is checked.
+- ``num_threads``: grain reader threads (0 reads in the calling thread).
+
+Both raise a ValueError if num_classes is not a positive integer or contradicts
+the data's, or features is missing for a bare source or is not ``Features``;
+and, while iterating, for an example that ``features.check`` rejects.
 """
 
 from __future__ import annotations
@@ -23,14 +46,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import grain
 import numpy as np
 
 from kdq.data.augment import Augment, RandomAugment
-from kdq.data.core import Dataset, Example, ExampleSource, check_label, check_mean_std
+from kdq.data.core import Dataset, Example, ExampleSource, check_features, check_num_classes
+from kdq.data.features import Features, ImageFeatures
 
 Batch = dict[str, np.ndarray]
 
@@ -45,27 +69,24 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Checked:
-    """Reads one example of a split and checks its label and pixels.
+    """Reads one example of a split and checks it.
 
     Attributes:
         source: The split.
         split: Its name in error messages.
-        num_classes: Upper bound (exclusive) of the labels, or None.
+        features: What checks each example.
+        num_classes: Upper bound (exclusive) of the class indices, or None.
     """
 
     source: ExampleSource
     split: str
+    features: Features
     num_classes: int | None
 
     def read(self, index: int) -> Example:
         example = self.source[index]
-        label = check_label(example["label"], self.num_classes, split=self.split, index=index)
-        image = example["image"]
-        if np.issubdtype(np.asarray(image).dtype, np.floating) and not np.isfinite(image).all():
-            raise ValueError(
-                f"{self.split} example {index} has a NaN or inf pixel; replace or drop it"
-            )
-        return {**example, "label": label}
+        self.features.check(example, split=self.split, index=index, num_classes=self.num_classes)
+        return example
 
 
 class _ReadShuffled(grain.transforms.Map):
@@ -84,58 +105,30 @@ class _ReadShuffled(grain.transforms.Map):
 
 
 class _ReadPadded(grain.transforms.Map):
-    """Reads examples in order; positions past the end give masked zero examples."""
+    """Reads and prepares examples in order; positions past the end give masked padding."""
 
     def __init__(self, read: _Checked):
         self._read = read
         self._num_examples = len(read.source)
-        self._padding_image = np.zeros_like(read.source[0]["image"]) if self._num_examples else None
+        features = read.features
+        if self._num_examples:
+            self._padding = features.prepare(features.padding(read.source[0]))
 
     def map(self, position: int) -> dict[str, Any]:
         if position < self._num_examples:
-            return {**self._read.read(position), "mask": np.True_}
-        return {"image": self._padding_image, "label": 0, "mask": np.False_}
-
-
-class _Normalize(grain.transforms.Map):
-    """Scales pixels to float32 in [0, 1], optionally standardises them, casts labels.
-
-    Args:
-        pixel_scale: Divisor mapping raw pixels to [0, 1].
-        mean: Per-channel mean subtracted after scaling, or None.
-        std: Per-channel standard deviation divided by after subtracting ``mean``.
-    """
-
-    def __init__(
-        self,
-        pixel_scale: float,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-    ):
-        self._pixel_scale = np.float32(pixel_scale)
-        self._mean = None if mean is None else np.asarray(mean, dtype=np.float32)
-        self._std = None if std is None else np.asarray(std, dtype=np.float32)
-
-    def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        image = np.asarray(element["image"], dtype=np.float32) / self._pixel_scale
-        if self._mean is not None:
-            image = (image - self._mean) / self._std
-        return {**element, "image": image, "label": np.int32(element["label"])}
+            return {**self._read.features.prepare(self._read.read(position)), "mask": np.True_}
+        return {**self._padding, "mask": np.False_}
 
 
 def _resolve(
     data: Dataset | ExampleSource,
-    pixel_scale: float | None,
+    features: Features | None,
     split: str,
     num_classes: int | None,
-) -> tuple[ExampleSource, float, _Checked]:
-    """The split's source, its pixel scale and its checked reader."""
-    if num_classes is not None and (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, (int, np.integer))
-        or num_classes < 1
-    ):
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+) -> _Checked:
+    """The checked reader of the split, with the features and class bound to use."""
+    if num_classes is not None:
+        check_num_classes(num_classes)
     if isinstance(data, Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -145,40 +138,25 @@ def _resolve(
                 f"dataset {data.name!r} has no {split} split; pass validation arrays to "
                 "from_arrays, or evaluate split='test'"
             )
-        pixel_scale = data.pixel_scale if pixel_scale is None else pixel_scale
+        features = data.features if features is None else features
         known = data.num_classes
         name = f"{data.name} {split}"
-    elif pixel_scale is None:
-        raise ValueError("pixel_scale is required when passing a source instead of a Dataset")
+    elif features is None:
+        raise ValueError(
+            "features is required when passing a source instead of a Dataset: pass "
+            "features=dataset.features, or e.g. ImageFeatures(shape=(H, W, C), pixel_scale=255)"
+        )
     else:
         source = data
         known = getattr(source, "num_classes", None)
         name = getattr(source, "split", None) or "source"
-    if not pixel_scale > 0 or not np.isfinite(pixel_scale):
-        raise ValueError(f"pixel_scale must be positive and finite, got {pixel_scale}")
+    check_features(features)
     if num_classes is not None and known is not None and num_classes != known:
         raise ValueError(
             f"num_classes={num_classes} but the {name} split has {known} classes; "
             "omit num_classes or pass the same number"
         )
-    checked = _Checked(source, name, known if num_classes is None else int(num_classes))
-    return source, float(pixel_scale), checked
-
-
-def _image_shape(data: Dataset | ExampleSource, source: ExampleSource) -> tuple[int, ...]:
-    if isinstance(data, Dataset):
-        return data.image_shape
-    return source[0]["image"].shape
-
-
-def _check_mean_std(
-    data: Dataset | ExampleSource,
-    source: ExampleSource,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-) -> None:
-    if mean is not None or std is not None:
-        check_mean_std(mean, std, _image_shape(data, source)[2])
+    return _Checked(source, name, features, known if num_classes is None else int(num_classes))
 
 
 def _read_options(num_threads: int, batch_size: int) -> grain.ReadOptions:
@@ -192,49 +170,40 @@ def train_batches(
     seed: int,
     start_step: int = 0,
     augment: Augment | None = None,
-    pixel_scale: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    features: Features | None = None,
     num_classes: int | None = None,
     num_threads: int = 4,
 ) -> Iterator[Batch]:
     """Endless stream of shuffled training batches, resumable at any step.
 
+    ``data`` (its train split, for a ``Dataset``), ``batch_size`` (at most the
+    split size), ``features``, ``num_classes`` and ``num_threads`` are described
+    in the module docstring.
+
     Args:
-        data: A ``Dataset`` (its train split is used) or an example source.
-        batch_size: Examples per batch; at most the split size.
         seed: Non-negative integer fixing the shuffle and augmentation streams.
         start_step: Index of the first batch to yield; the stream equals the
             uninterrupted stream from that batch on, and starting costs nothing.
-        augment: Augmentations to apply to raw images; None applies none
-            (``default_augment(name)`` gives a dataset's standard one). With
-            the Inception crop, images are read from the source's ``raw``
-            attribute when it has one and cropped to the source's image size.
-        pixel_scale: Divisor mapping raw pixels to [0, 1]; defaults to the
-            Dataset's and is required for a bare source.
-        mean: Per-channel mean subtracted from the pixels scaled to [0, 1]
-            (pass ``dataset.mean``); None with std None skips normalisation.
-        std: Per-channel standard deviation the centred pixels are divided by
-            (pass ``dataset.std``); given exactly when mean is.
-        num_classes: Labels must lie in [0, num_classes); defaults to the
-            Dataset's, else the source's ``num_classes`` attribute (every kdq
-            source has one), else only non-negativity is checked.
-        num_threads: grain reader threads (0 reads in the calling thread).
+        augment: Augmentations to apply to raw images, which needs
+            ``ImageFeatures``; None (or an ``Augment()`` with everything off)
+            applies none (``default_augment(name)`` gives a dataset's standard
+            one). With the Inception crop, images are read from the source's
+            ``raw`` attribute when it has one and cropped to the features' image
+            size.
 
     Returns:
-        An infinite iterator of dicts with "image": float32 (B, H, W, C) and
-        "label": int32 (B,). Every epoch is a fresh permutation of the split
-        truncated to a multiple of ``batch_size``.
+        An infinite iterator of batches: each array of ``features.prepare``'s
+        examples stacked to (B, ...) (``ImageFeatures``: "image" float32
+        (B, H, W, C) and "label" int32 (B,)). Every epoch is a fresh permutation
+        of the split truncated to a multiple of ``batch_size``.
 
     Raises:
-        ValueError: If batch_size is not in [1, split size], seed or start_step
-            is negative, pixel_scale is missing or not positive, mean and std
-            are not both None or both valid per channel, or num_classes is not
-            a positive integer or contradicts the data's. While iterating: if
-            an example's label is not a scalar integer in [0, num_classes) or
-            its floating-point image is not finite.
+        ValueError: As the module docstring says, and if batch_size is not in
+            [1, split size], seed or start_step is negative, or augment enables
+            an augmentation while the features are not ``ImageFeatures``.
     """
-    source, pixel_scale, checked = _resolve(data, pixel_scale, "train", num_classes)
+    checked = _resolve(data, features, "train", num_classes)
+    source, features = checked.source, checked.features
     num_examples = len(source)
     if not 1 <= batch_size <= num_examples:
         raise ValueError(
@@ -244,18 +213,23 @@ def train_batches(
         raise ValueError(f"seed must be non-negative, got {seed}")
     if start_step < 0:
         raise ValueError(f"start_step must be non-negative, got {start_step}")
-    _check_mean_std(data, source, mean, std)
+    augments = augment is not None and augment.enabled
+    if augments and not isinstance(features, ImageFeatures):
+        raise ValueError(
+            f"augment={augment} transforms images, but the examples' features are "
+            f"{type(features).__name__}, not ImageFeatures; pass augment=None"
+        )
     examples_per_epoch = num_examples // batch_size * batch_size
     read, image_size = checked, None
-    if augment is not None and augment.inception_crop:
+    if augments and augment.inception_crop:
         read = dataclasses.replace(checked, source=getattr(source, "raw", source))
-        image_size = _image_shape(data, source)[:2]
+        image_size = features.shape[:2]
     examples = grain.MapDataset.range(sys.maxsize).map(
         _ReadShuffled(read, examples_per_epoch, seed)
     )
-    if augment is not None and augment.enabled:
+    if augments:
         examples = examples.random_map(RandomAugment(augment, image_size), seed=seed)
-    examples = examples[start_step * batch_size :].map(_Normalize(pixel_scale, mean, std))
+    examples = examples[start_step * batch_size :].map(features.prepare)
     batches = examples.to_iter_dataset(_read_options(num_threads, batch_size)).batch(batch_size)
     return iter(batches)
 
@@ -265,53 +239,35 @@ def eval_batches(
     *,
     batch_size: int,
     split: str = "test",
-    pixel_scale: float | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    features: Features | None = None,
     num_classes: int | None = None,
     num_threads: int = 4,
 ) -> Iterator[Batch]:
     """One ordered pass over a split in equally shaped, masked batches.
 
+    ``data``, ``batch_size``, ``features``, ``num_classes`` and ``num_threads``
+    are described in the module docstring.
+
     Args:
-        data: A ``Dataset`` (its ``split`` is used) or an example source.
-        batch_size: Examples per batch.
         split: "test", "validation" or "train": which split of a ``Dataset``
             to read; ignored for a bare source.
-        pixel_scale: Divisor mapping raw pixels to [0, 1]; defaults to the
-            Dataset's and is required for a bare source.
-        mean: Per-channel mean subtracted from the pixels scaled to [0, 1]
-            (pass ``dataset.mean``); None with std None skips normalisation.
-        std: Per-channel standard deviation the centred pixels are divided by
-            (pass ``dataset.std``); given exactly when mean is.
-        num_classes: Labels must lie in [0, num_classes); defaults to the
-            Dataset's, else the source's ``num_classes`` attribute (every kdq
-            source has one), else only non-negativity is checked.
-        num_threads: grain reader threads (0 reads in the calling thread).
 
     Returns:
-        An iterator of ``ceil(n / batch_size)`` dicts with "image": float32
-        (B, H, W, C), "label": int32 (B,) and "mask": bool (B,). The last batch
-        is padded with zero raw images (normalised like the others) and label 0
-        whose mask is False.
+        An iterator of ``ceil(n / batch_size)`` batches: each array of
+        ``features.prepare``'s examples stacked to (B, ...) (``ImageFeatures``:
+        "image" float32 (B, H, W, C), "label" int32 (B,)) and "mask": bool
+        (B,). The last batch is padded with ``features.prepare(
+        features.padding(first example))`` (``ImageFeatures``: a zero raw image,
+        prepared like the others, and label 0), whose mask is False.
 
     Raises:
-        ValueError: If batch_size is not positive, split is not a split of the
-            Dataset, pixel_scale is missing or not positive, mean and std are
-            not both None or both valid per channel, or num_classes is not a
-            positive integer or contradicts the data's. While iterating: if an
-            example's label is not a scalar integer in [0, num_classes) or its
-            floating-point image is not finite.
+        ValueError: As the module docstring says, and if batch_size is not
+            positive or split is not a split of the Dataset.
     """
-    source, pixel_scale, checked = _resolve(data, pixel_scale, split, num_classes)
+    checked = _resolve(data, features, split, num_classes)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    _check_mean_std(data, source, mean, std)
-    num_batches = -(-len(source) // batch_size)
-    examples = (
-        grain.MapDataset.range(num_batches * batch_size)
-        .map(_ReadPadded(checked))
-        .map(_Normalize(pixel_scale, mean, std))
-    )
+    num_batches = -(-len(checked.source) // batch_size)
+    examples = grain.MapDataset.range(num_batches * batch_size).map(_ReadPadded(checked))
     batches = examples.to_iter_dataset(_read_options(num_threads, batch_size)).batch(batch_size)
     return iter(batches)

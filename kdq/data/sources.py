@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from kdq.data.core import Example, check_label
+from kdq.data.core import Dataset
+from kdq.data.features import ImageExample, ImageFeatures, check_label
 from kdq.data.geometry import resize_and_center_crop
 
 
@@ -41,7 +42,7 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self._images)
 
-    def __getitem__(self, index: int) -> Example:
+    def __getitem__(self, index: int) -> ImageExample:
         label = check_label(self._labels[index], self.num_classes, split=self.split, index=index)
         return {"image": self._images[index], "label": label}
 
@@ -93,7 +94,7 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> Example:
+    def __getitem__(self, index: int) -> ImageExample:
         record = self._records[int(index)]
         image = np.asarray(record["image"])
         if image.ndim == 2:
@@ -102,3 +103,43 @@ class TfdsSource:
             image = resize_and_center_crop(image, self._image_size, self._crop_fraction)
         label = check_label(record["label"], self.num_classes, split=self.split, index=int(index))
         return {"image": image, "label": label}
+
+
+def tfds_dataset(
+    name: str,
+    specs: Mapping[str, str],
+    records: Sequence[Sequence[Mapping[str, Any]]],
+    features: ImageFeatures,
+    num_classes: int,
+    image_size: int | None = None,
+    crop_fraction: float = 1.0,
+) -> Dataset:
+    """A ``Dataset`` of ``TfdsSource`` splits.
+
+    Args:
+        name: Dataset name; a split's error messages call it "<name> <spec>".
+        specs: "train", "validation" and "test", each to its TFDS split spec.
+        records: The TFDS data source of each split, in the order of ``specs``.
+        features: The dataset's image features (their shape is the sources').
+        num_classes: Number of classes, checked against every label.
+        image_size: As for ``TfdsSource``: None keeps the stored size.
+        crop_fraction: As for ``TfdsSource``.
+
+    Returns:
+        The dataset with one ``TfdsSource`` per split.
+    """
+    return Dataset(
+        name=name,
+        features=features,
+        num_classes=num_classes,
+        **{
+            role: TfdsSource(
+                split_records,
+                image_size,
+                crop_fraction,
+                num_classes=num_classes,
+                split=f"{name} {spec}",
+            )
+            for (role, spec), split_records in zip(specs.items(), records, strict=True)
+        },
+    )

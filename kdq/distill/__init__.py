@@ -1,4 +1,4 @@
-"""Distillation: per-example losses, feature taps, and the combined objective."""
+"""Distillation: unreduced losses (per example; per token for logits), taps, the objective."""
 
 from kdq.distill.losses import (
     attention_transfer_loss,

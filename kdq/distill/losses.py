@@ -1,15 +1,19 @@
-"""Knowledge-distillation losses as pure, per-example functions.
+"""Knowledge-distillation losses as pure functions returning unreduced losses.
 
-Every loss follows the optax convention: it returns an *unreduced* loss of shape ``(B,)``
-(one value per example) and the caller chooses the reduction, typically ``jnp.mean``.
+Every loss follows the optax convention: it returns an *unreduced* loss and the caller
+chooses the reduction, typically a mean over the valid entries. The logit losses (KD, DKD)
+take logits of shape ``(..., C)`` with any leading shape, e.g. ``(B, C)`` (one value per
+example) or ``(B, T, C)`` (one value per token), and return a loss of the leading shape;
+the feature losses return one value per example, shape ``(B,)``.
 
 Conventions shared by all losses:
 
-* ``where`` is an optional boolean mask of shape ``(B,)``. Masked-out examples get loss 0,
-  their inputs never influence the result or the gradients (even when they hold NaN or inf
-  padding), and for the relational losses (RKD, PKT, similarity-preserving) they are also
-  removed as partners of the other examples, so the values on the valid examples equal the
-  loss of the valid sub-batch alone.
+* ``where`` is an optional boolean mask of the loss's shape: the leading shape of the
+  logits for the logit losses, ``(B,)`` for the feature losses. Masked-out entries get
+  loss 0, their inputs never influence the result or the gradients (even when they hold
+  NaN or inf padding), and for the relational losses (RKD, PKT, similarity-preserving)
+  masked-out examples are also removed as partners of the other examples, so the values
+  on the valid examples equal the loss of the valid sub-batch alone.
 * Losses are computed in at least float32: bfloat16/float16 inputs are promoted, float64
   inputs (with x64 enabled) stay float64.
 * Gradients flow into the teacher arguments too; wrap them in ``jax.lax.stop_gradient``
@@ -18,10 +22,10 @@ Conventions shared by all losses:
   are validated eagerly, together with the static shapes, and a bad value raises
   ``ValueError`` naming the argument.
 * Concrete inputs (NumPy arrays, or JAX arrays outside any trace, including arrays closed
-  over by a jitted function) must be finite on the valid examples: NaN or inf there raises
+  over by a jitted function) must be finite on the valid entries: NaN or inf there raises
   ``ValueError`` naming the argument, before anything is computed. Traced inputs (inside
   ``jax.jit``, ``jax.grad``, ``jax.vmap``) are not checked, since that would need a device
-  round trip in every step: there a NaN or inf propagates into the loss of its example
+  round trip in every step: there a NaN or inf propagates into the loss of its entry
   (and into the other examples' losses for the relational losses).
 """
 
@@ -76,42 +80,56 @@ def _check_min_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
         raise ValueError(f"{name} must have rank >= {rank} {layout}, got shape {x.shape}")
 
 
-def _valid_mask(where: ArrayLike | None, batch: int) -> jax.Array:
-    """Returns the boolean mask of valid examples, shape ``(batch,)``."""
+def _valid_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array:
+    """Returns the boolean mask of valid entries, of the loss's `shape`."""
     if where is None:
-        return jnp.ones((batch,), dtype=bool)
+        return jnp.ones(shape, dtype=bool)
     where = jnp.asarray(where)
-    if where.shape != (batch,) or where.dtype != jnp.bool_:
+    if where.shape != shape or where.dtype != jnp.bool_:
         raise ValueError(
-            f"where must be a boolean array of shape ({batch},), got dtype {where.dtype} and "
+            f"where must be a boolean array of shape {shape}, got dtype {where.dtype} and "
             f"shape {where.shape}"
         )
     return where
 
 
-def _check_finite_if_concrete(name: str, x: ArrayLike, where: ArrayLike | None) -> None:
-    """Raises if a concrete ``x`` holds NaN or inf in an example that ``where`` keeps.
+def _check_finite_if_concrete(
+    name: str, x: ArrayLike, where: ArrayLike | None, *, lead: int = 1
+) -> None:
+    """Raises if a concrete ``x`` holds NaN or inf in an entry that ``where`` keeps.
 
-    ``x`` and ``where`` have been validated already. Nothing is checked when either is a
+    An entry is an index into the first ``lead`` axes of ``x`` (the axes of ``where``):
+    one example for ``lead=1``, one token of ``(B, T, C)`` logits for ``lead=2``. ``x``
+    and ``where`` have been validated already. Nothing is checked when either is a
     tracer: the check runs on the host and would otherwise cost a device round trip.
     """
     if isinstance(x, jax.core.Tracer) or isinstance(where, jax.core.Tracer):
         return
     x = np.asarray(x)
-    finite = np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+    shape = x.shape[:lead]
+    finite = np.isfinite(x).reshape(shape + (-1,)).all(axis=-1)
     if where is not None:
         finite |= ~np.asarray(where)
-    if not finite.all():
+    if finite.all():
+        return
+    if lead == 1:
         bad = np.flatnonzero(~finite)
-        raise ValueError(
-            f"{name} holds NaN or inf in {bad.size} example(s) of {x.shape[0]} (batch "
-            f"indices {bad[:8].tolist()}{'...' if bad.size > 8 else ''}): the loss would be "
-            "NaN; find where they come from, or exclude those examples with where"
+        where_bad = f"{bad.size} example(s) of {shape[0]} (batch indices {bad[:8].tolist()}"
+    else:
+        bad = np.argwhere(~finite)
+        where_bad = (
+            f"{len(bad)} of the {finite.size} entries of leading shape {shape} "
+            f"(indices {bad[:8].tolist()}"
         )
+    raise ValueError(
+        f"{name} holds NaN or inf in {where_bad}{'...' if len(bad) > 8 else ''}): the loss "
+        "would be NaN; find where they come from, or exclude those entries with where"
+    )
 
 
 def _zero_masked_rows(x: jax.Array, valid: jax.Array) -> jax.Array:
-    return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+    """``x`` with the entries that ``valid`` (of ``x``'s leading shape) masks set to 0."""
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - valid.ndim)), x, 0)
 
 
 def _num_valid(valid: jax.Array, dtype: DTypeLike) -> jax.Array:
@@ -128,9 +146,9 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 def _check_logits(student_logits: ArrayLike, teacher_logits: ArrayLike) -> list[jax.Array]:
     """Validates the shapes of a logit loss and casts both to their float dtype."""
     student, teacher = _as_float(student_logits, teacher_logits)
-    if student.ndim != 2:
+    if student.ndim < 2:
         raise ValueError(
-            f"student_logits must have rank 2 (batch, classes), got shape {student.shape}"
+            f"student_logits must have rank >= 2 (batch, ..., classes), got shape {student.shape}"
         )
     if teacher.shape != student.shape:
         raise ValueError(
@@ -138,6 +156,21 @@ def _check_logits(student_logits: ArrayLike, teacher_logits: ArrayLike) -> list[
             f"teacher_logits shape {teacher.shape} and student_logits shape {student.shape}"
         )
     return [student, teacher]
+
+
+def _masked_logits(
+    student_logits: ArrayLike, teacher_logits: ArrayLike, where: ArrayLike | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(student, teacher, valid): float logits with masked entries zeroed, and the mask.
+
+    The mask has the leading shape of the logits; concrete logits must be finite on it.
+    """
+    student, teacher = _check_logits(student_logits, teacher_logits)
+    valid = _valid_mask(where, student.shape[:-1])
+    lead = student.ndim - 1
+    _check_finite_if_concrete("student_logits", student_logits, where, lead=lead)
+    _check_finite_if_concrete("teacher_logits", teacher_logits, where, lead=lead)
+    return _zero_masked_rows(student, valid), _zero_masked_rows(teacher, valid), valid
 
 
 def _check_embeddings(
@@ -185,6 +218,8 @@ def kd_loss(
 
     The :math:`T^2` factor keeps the gradient magnitude independent of the temperature:
     :math:`\partial \ell / \partial s = T\,(\mathrm{softmax}(s/T) - \mathrm{softmax}(t/T))`.
+    It is computed for every logit vector on the last axis: one value per entry of the
+    leading shape (an example, or a token of a sequence).
 
     With ``standardize=True`` both logit vectors are first replaced by their z-scores
     (logit standardisation), exactly as the official code does (``normalize`` in
@@ -209,14 +244,14 @@ def kd_loss(
         Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024.
 
     Args:
-        student_logits: Student logits, shape ``(B, C)``.
-        teacher_logits: Teacher logits, shape ``(B, C)``.
+        student_logits: Student logits, shape ``(..., C)``: ``(B, C)`` per example, ``(B, T, C)`` per token.
+        teacher_logits: Teacher logits, shape ``(..., C)``, as the student's.
         temperature: Softmax temperature :math:`T > 0`.
         standardize: Z-score both logit vectors of each example before the softmax.
-        where: Optional boolean mask of valid examples, shape ``(B,)``.
+        where: Optional boolean mask of valid entries, the leading shape ``(...)``.
 
     Returns:
-        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+        Unreduced loss of the leading shape ``(...)``; 0 for masked-out entries.
 
     Raises:
         ValueError: For mismatched shapes, ``temperature <= 0``, ``standardize=True`` with
@@ -224,16 +259,12 @@ def kd_loss(
     """
     student, teacher = _check_logits(student_logits, teacher_logits)
     _check_positive("temperature", temperature)
-    if standardize and student.shape[1] < 2:
+    if standardize and student.shape[-1] < 2:
         raise ValueError(
             "student_logits must have at least 2 classes for standardize=True (the unbiased "
             f"standard deviation of one class is undefined), got shape {student.shape}"
         )
-    valid = _valid_mask(where, student.shape[0])
-    _check_finite_if_concrete("student_logits", student_logits, where)
-    _check_finite_if_concrete("teacher_logits", teacher_logits, where)
-    student = _zero_masked_rows(student, valid)
-    teacher = _zero_masked_rows(teacher, valid)
+    student, teacher, valid = _masked_logits(student_logits, teacher_logits, where)
     if standardize:
         student = _standardize_logits(student)
         teacher = _standardize_logits(teacher)
@@ -244,7 +275,7 @@ def kd_loss(
 
 
 def _target_binary_log_probs(log_probs: jax.Array, is_target: jax.Array) -> jax.Array:
-    """``[log p_target, log(1 - p_target)]`` per example, shape ``(B, 2)``."""
+    """``[log p_target, log(1 - p_target)]`` per entry, shape ``(..., 2)``."""
     log_target = jnp.sum(jnp.where(is_target, log_probs, 0.0), axis=-1)
     log_rest = jax.nn.logsumexp(log_probs, axis=-1, where=~is_target)
     return jnp.stack([log_target, log_rest], axis=-1)
@@ -282,45 +313,43 @@ def dkd_loss(
     The official code approximates the softmax over non-target classes by subtracting 1000
     from the target logit; here the target class is excluded exactly, which agrees with it
     to float precision. Labels must lie in ``[0, C)`` (values are not checked).
+    As for `kd_loss`, there is one value per entry of the leading shape, each with its
+    own label.
 
     Reference:
         Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
 
     Args:
-        student_logits: Student logits, shape ``(B, C)`` with ``C >= 2``.
-        teacher_logits: Teacher logits, shape ``(B, C)``.
-        labels: Integer ground-truth classes, shape ``(B,)``.
+        student_logits: Student logits, shape ``(..., C)`` with ``C >= 2``: ``(B, C)`` per example, ``(B, T, C)`` per token.
+        teacher_logits: Teacher logits, shape ``(..., C)``, as the student's.
+        labels: Integer ground-truth classes, the leading shape ``(...)``.
         alpha: Weight of the target-class term (TCKD), ``>= 0``.
         beta: Weight of the non-target-class term (NCKD), ``>= 0``.
         temperature: Softmax temperature :math:`T > 0`.
-        where: Optional boolean mask of valid examples, shape ``(B,)``.
+        where: Optional boolean mask of valid entries, the leading shape ``(...)``.
 
     Returns:
-        Per-example loss, shape ``(B,)``; 0 for masked-out examples.
+        Unreduced loss of the leading shape ``(...)``; 0 for masked-out entries.
     """
     student, teacher = _check_logits(student_logits, teacher_logits)
-    batch, num_classes = student.shape
+    num_classes = student.shape[-1]
     if num_classes < 2:
         raise ValueError(
             f"student_logits must have at least 2 classes for DKD, got shape {student.shape}"
         )
     labels = jnp.asarray(labels)
-    if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+    if labels.shape != student.shape[:-1] or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(
-            f"labels must be an integer array of shape ({batch},), got dtype {labels.dtype} "
-            f"and shape {labels.shape}"
+            f"labels must be an integer array of shape {student.shape[:-1]} (the leading shape "
+            f"of the logits), got dtype {labels.dtype} and shape {labels.shape}"
         )
     _check_non_negative("alpha", alpha)
     _check_non_negative("beta", beta)
     _check_positive("temperature", temperature)
-    valid = _valid_mask(where, batch)
-    _check_finite_if_concrete("student_logits", student_logits, where)
-    _check_finite_if_concrete("teacher_logits", teacher_logits, where)
-    student = _zero_masked_rows(student, valid)
-    teacher = _zero_masked_rows(teacher, valid)
+    student, teacher, valid = _masked_logits(student_logits, teacher_logits, where)
     labels = jnp.where(valid, labels, 0)
 
-    is_target = labels[:, None] == jnp.arange(num_classes)
+    is_target = labels[..., None] == jnp.arange(num_classes)
     student = student / temperature
     teacher = teacher / temperature
     tckd = optax.losses.kl_divergence_with_log_targets(
@@ -432,7 +461,7 @@ def fitnets_loss(
     student, teacher = _as_float(student_feat, teacher_feat)
     _check_min_rank("student_feat", student, 2, "(batch, ..., channels)")
     _check_min_rank("teacher_feat", teacher, 2, "(batch, ..., channels)")
-    valid = _valid_mask(where, student.shape[0])
+    valid = _valid_mask(where, student.shape[:1])
     student = project(projection, _zero_masked_rows(student, valid))
     if student.shape != teacher.shape:
         raise ValueError(
@@ -504,7 +533,7 @@ def attention_transfer_loss(
             f"student_feat shape {student.shape} and teacher_feat shape {teacher.shape}"
         )
     _check_positive("p", p)
-    valid = _valid_mask(where, student.shape[0])
+    valid = _valid_mask(where, student.shape[:1])
     _check_finite_if_concrete("student_feat", student_feat, where)
     _check_finite_if_concrete("teacher_feat", teacher_feat, where)
     student = _attention_map(_zero_masked_rows(student, valid), p)
@@ -588,7 +617,7 @@ def rkd_loss(
     _check_non_negative("distance_weight", distance_weight)
     _check_non_negative("angle_weight", angle_weight)
     batch = student.shape[0]
-    valid = _valid_mask(where, batch)
+    valid = _valid_mask(where, (batch,))
     _check_finite_if_concrete("student_emb", student_emb, where)
     _check_finite_if_concrete("teacher_emb", teacher_emb, where)
     student = _zero_masked_rows(student, valid)
@@ -664,7 +693,7 @@ def pkt_loss(
     """
     student, teacher = _check_embeddings("student_emb", student_emb, "teacher_emb", teacher_emb)
     _check_positive("eps", eps)
-    valid = _valid_mask(where, student.shape[0])
+    valid = _valid_mask(where, student.shape[:1])
     _check_finite_if_concrete("student_emb", student_emb, where)
     _check_finite_if_concrete("teacher_emb", teacher_emb, where)
     pairs = valid[:, None] & valid[None, :]
@@ -712,7 +741,7 @@ def similarity_preserving_loss(
         Per-example loss, shape ``(B,)``; 0 for masked-out examples.
     """
     student, teacher = _check_embeddings("student_feat", student_feat, "teacher_feat", teacher_feat)
-    valid = _valid_mask(where, student.shape[0])
+    valid = _valid_mask(where, student.shape[:1])
     _check_finite_if_concrete("student_feat", student_feat, where)
     _check_finite_if_concrete("teacher_feat", teacher_feat, where)
     # Zeroed rows give zero Gram rows and columns, which removes the masked-out examples.

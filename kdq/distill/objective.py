@@ -2,6 +2,10 @@
 
     L = sum_i w_i * mean_{valid b} loss_i(b)
 
+where b runs over the entries of the labels' shape: examples for (B,) labels,
+tokens for (B, T) labels; a feature term (one loss per example) runs over the
+examples that hold a valid entry.
+
 Each term is named in a mapping (e.g. an ml_collections config):
 
     {
@@ -34,6 +38,11 @@ from kdq.distill import losses
 
 
 def _cross_entropy(student_logits, teacher_logits, labels, *, where=None, label_smoothing=0.0):
+    """Unreduced hard-label cross-entropy of the leading shape of the logits (..., C).
+
+    With smoothed one-hot targets q = (1 - e) onehot(y) + e / C (e = label_smoothing),
+    loss = -sum_c q_c log softmax(z)_c per logit vector; 0 where `where` is False.
+    """
     del teacher_logits
     num_classes = student_logits.shape[-1]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
@@ -222,22 +231,9 @@ class Objective:
         return params
 
     @staticmethod
-    def _term_loss(
-        term,
-        params,
-        student_logits,
-        teacher_logits,
-        labels,
-        student_features,
-        teacher_features,
-        valid,
-    ):
-        """The per-example loss of one term."""
+    def _feature_loss(term, params, student_features, teacher_features, valid):
+        """The per-example loss (B,) of a feature term; `valid` is the (B,) example mask."""
         kwargs = dict(term.options)
-        if term.kind in LOGIT_LOSSES:
-            return LOGIT_LOSSES[term.kind](
-                student_logits, teacher_logits, labels, where=valid, **kwargs
-            )
         s_feat = student_features[term.student_tap]
         t_feat = teacher_features[term.teacher_tap]
         if term.kind == "fitnets":
@@ -257,47 +253,67 @@ class Objective:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Evaluates L on one batch.
 
+        Logits have a leading shape L, e.g. (B,) with one label per example or
+        (B, T) with one label per token. A logit term's value is its mean over
+        the valid entries, sum_{where} loss / max(#where, 1); a feature term
+        (one loss per example) is averaged over the valid examples, those with
+        any valid entry: where.reshape(B, -1).any(-1).
+
         Args:
           params: the terms' learned parameters (from `init_params`).
-          student_logits: (B, C).
-          teacher_logits: (B, C), or None when no term needs the teacher.
-          labels: integer labels (B,).
+          student_logits: (*L, C).
+          teacher_logits: (*L, C), or None when no term needs the teacher.
+          labels: integer labels, shape L.
           student_features, teacher_features: {tap: feature} from the taps.
-          where: optional (B,) mask of valid examples.
+          where: optional boolean mask of valid entries, shape L.
 
         Returns:
           (L, metrics) where metrics holds each term's unweighted batch mean.
         """
-        if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
-            raise ValueError(
-                f"labels of shape {tuple(labels.shape)} do not match student logits of shape "
-                f"{tuple(student_logits.shape)}: pass one integer label per example, shape "
-                f"{tuple(student_logits.shape[:-1])}"
-            )
-        if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
-            raise ValueError(
-                f"teacher logits of shape {tuple(teacher_logits.shape)} do not match student "
-                f"logits of shape {tuple(student_logits.shape)}"
-            )
-        valid = jnp.ones(labels.shape, bool) if where is None else where
+        valid = _check_batch(student_logits, teacher_logits, labels, where)
+        examples = jnp.any(valid.reshape(valid.shape[0], -1), axis=1)
         count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+        example_count = jnp.maximum(examples.sum(), 1).astype(jnp.float32)
         total = jnp.zeros((), jnp.float32)
         metrics = {}
         for term in self.terms:
             try:
-                per_example = self._term_loss(
-                    term,
-                    params,
-                    student_logits,
-                    teacher_logits,
-                    labels,
-                    student_features,
-                    teacher_features,
-                    valid,
-                )
+                if term.kind in LOGIT_LOSSES:
+                    loss = LOGIT_LOSSES[term.kind](
+                        student_logits, teacher_logits, labels, where=valid, **dict(term.options)
+                    )
+                    value = loss.sum() / count
+                else:
+                    loss = self._feature_loss(
+                        term, params, student_features, teacher_features, examples
+                    )
+                    value = loss.sum() / example_count
             except ValueError as e:
                 raise ValueError(f"loss term {term.name!r} ({term.kind}): {e}") from e
-            value = per_example.sum() / count
             metrics[f"loss/{term.name}"] = value
             total = total + term.weight * value
         return total, metrics
+
+
+def _check_batch(student_logits, teacher_logits, labels, where) -> jax.Array:
+    """Checks the shapes of one batch and returns the mask of valid entries (labels' shape)."""
+    if student_logits.ndim < 2 or tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match student logits of shape "
+            f"{tuple(student_logits.shape)}: pass one integer label per logit vector, shape "
+            f"{tuple(student_logits.shape[:-1])}, with logits of rank >= 2 (batch, ..., classes)"
+        )
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits of shape {tuple(teacher_logits.shape)} do not match student "
+            f"logits of shape {tuple(student_logits.shape)}"
+        )
+    if where is None:
+        return jnp.ones(labels.shape, bool)
+    where = jnp.asarray(where)
+    if tuple(where.shape) != tuple(labels.shape) or where.dtype != jnp.bool_:
+        raise ValueError(
+            f"where must be a boolean mask of the labels' shape {tuple(labels.shape)}, got "
+            f"dtype {where.dtype} and shape {tuple(where.shape)}"
+        )
+    return where

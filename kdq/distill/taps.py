@@ -1,35 +1,25 @@
 """Feature taps: intermediate activations of any Linen model, selected by path.
 
-A tap is a regex matched (`re.fullmatch`) against the '/'-joined path of a
-submodule, e.g. "Conv_1" or "layer3/.*block_2". The tapped feature is the
+A tap is a regex matched against the whole '/'-joined path of a submodule
+(`kdq.rules.PathRules`, as every path selection in kdq), e.g. "Conv_1" or
+"layer3/.*block_2"; each tap is matched on its own. The tapped feature is the
 output of that submodule's `__call__`, captured with Linen's
 `capture_intermediates`: the model's code is not edited.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from kdq.rules import key_path_str
+from kdq.rules import PathRules, key_path_str
 
 
 def _module_path(module: nn.Module) -> str:
     return "/".join(module.path)
-
-
-def _compile(taps: Sequence[str]) -> list[re.Pattern]:
-    compiled = []
-    for tap in taps:
-        try:
-            compiled.append(re.compile(tap))
-        except (re.error, TypeError) as e:
-            raise ValueError(f"feature tap {tap!r} is not a valid regex: {e}") from None
-    return compiled
 
 
 def module_paths(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> list[str]:
@@ -82,23 +72,21 @@ def apply_with_taps(
       and the updated mutable collections (an empty dict when none).
 
     Raises:
-      ValueError: a tap matches no submodule or several; the message lists
-        the model's submodule paths.
+      ValueError: a tap is not a valid regex, or matches no submodule or
+        several; the message lists the model's submodule paths.
     """
-    compiled = _compile(taps)
+    rules = PathRules([(tap, None) for tap in taps], object, name="taps")
     captured: dict[str, list[str]] = {tap: [] for tap in taps}
 
     def select(module: nn.Module, method_name: str) -> bool:
         if method_name != "__call__":
             return False
         path = _module_path(module)
-        hit = False
-        for tap, regex in zip(taps, compiled, strict=True):
-            if path and regex.fullmatch(path):
-                if path not in captured[tap]:
-                    captured[tap].append(path)
-                hit = True
-        return hit
+        hits = rules.matching(path) if path else []
+        for index in hits:
+            if path not in captured[taps[index]]:
+                captured[taps[index]].append(path)
+        return bool(hits)
 
     extra_mutable = list(mutable) if isinstance(mutable, Sequence) else []
     if not taps:

@@ -22,6 +22,7 @@ first block and at every stride-2 block. Submodule paths (feature taps):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple
 
@@ -105,20 +106,16 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps (B, H, W, C) to (B, H / strides, W / strides, features)."""
         cfg = self.config
+        # The expansion and the depthwise conv both give `cfg.expanded` channels.
+        expanded = functools.partial(
+            ConvBN, cfg.expanded, activation=cfg.activation, dtype=self.dtype
+        )
         y = x
         if cfg.expanded != x.shape[-1]:
-            y = ConvBN(cfg.expanded, 1, activation=cfg.activation, dtype=self.dtype, name="expand")(
-                y, train
-            )
-        y = ConvBN(
-            cfg.expanded,
-            cfg.kernel_size,
-            strides=cfg.strides,
-            groups=cfg.expanded,
-            activation=cfg.activation,
-            dtype=self.dtype,
-            name="depthwise",
-        )(y, train)
+            y = expanded(1, name="expand")(y, train)
+        y = expanded(cfg.kernel_size, strides=cfg.strides, groups=cfg.expanded, name="depthwise")(
+            y, train
+        )
         if cfg.use_se:
             y = SqueezeExcitation(make_divisible(cfg.expanded // 4), dtype=self.dtype, name="se")(y)
         y = ConvBN(cfg.features, 1, activation=None, dtype=self.dtype, name="project")(y, train)
@@ -146,8 +143,22 @@ class MobileStage(nn.Module):
         return x
 
 
-def _stages(x: jax.Array, blocks: Sequence[BlockConfig], train: bool, dtype: Dtype) -> jax.Array:
-    """Runs `blocks` as "stage1", "stage2", ... split before every stride-2 block."""
+def _features(
+    x: jax.Array,
+    blocks: Sequence[BlockConfig],
+    *,
+    stem: int,
+    head: int,
+    activation: Activation,
+    train: bool,
+    dtype: Dtype,
+) -> jax.Array:
+    """The trunk: "stem" (3x3, stride 2) -> "stage1", "stage2", ... -> "head" (1x1 conv).
+
+    The stem and head convs use `activation`; a stage starts at the first block
+    and before every stride-2 block.
+    """
+    x = ConvBN(stem, 3, strides=2, activation=activation, dtype=dtype, name="stem")(x, train)
     stages: list[list[BlockConfig]] = []
     for cfg in blocks:
         if not stages or cfg.strides != 1:
@@ -155,16 +166,16 @@ def _stages(x: jax.Array, blocks: Sequence[BlockConfig], train: bool, dtype: Dty
         stages[-1].append(cfg)
     for i, configs in enumerate(stages):
         x = MobileStage(tuple(configs), dtype=dtype, name=f"stage{i + 1}")(x, train)
-    return x
+    return ConvBN(head, 1, activation=activation, dtype=dtype, name="head")(x, train)
 
 
-class MobileNetV2(nn.Module):
-    """torchvision's MobileNetV2.
+class _MobileNet(nn.Module):
+    """The options of MobileNetV2 and MobileNetV3.
 
     Attributes:
       num_classes: number of output logits.
-      width_mult: multiplier of every channel count (the last conv keeps at
-        least 1280 channels).
+      width_mult: multiplier of every channel count (MobileNetV2's last conv
+        keeps at least 1280 channels).
       dropout: dropout rate before the classifier (torchvision: 0.2; needs a
         "dropout" rng when training with a rate above 0).
       dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
@@ -174,6 +185,10 @@ class MobileNetV2(nn.Module):
     width_mult: float = 1.0
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+
+
+class MobileNetV2(_MobileNet):
+    """torchvision's MobileNetV2 (attributes: see `_MobileNet`)."""
 
     # (expand ratio t, channels c, repeats n, first stride s), from the paper's Table 2.
     setting: ClassVar[tuple[tuple[int, int, int, int], ...]] = (
@@ -189,10 +204,7 @@ class MobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps images (B, H, W, C) to logits (B, num_classes)."""
-        channels = make_divisible(32 * self.width_mult)
-        x = ConvBN(channels, 3, strides=2, activation=nn.relu6, dtype=self.dtype, name="stem")(
-            x, train
-        )
+        stem = channels = make_divisible(32 * self.width_mult)
         blocks = []
         for t, c, n, s in self.setting:
             features = make_divisible(c * self.width_mult)
@@ -202,9 +214,10 @@ class MobileNetV2(nn.Module):
                     BlockConfig(3, expanded, features, s if i == 0 else 1, False, nn.relu6)
                 )
                 channels = features
-        x = _stages(x, blocks, train, self.dtype)
         last = make_divisible(1280 * max(1.0, self.width_mult))
-        x = ConvBN(last, 1, activation=nn.relu6, dtype=self.dtype, name="head")(x, train)
+        x = _features(
+            x, blocks, stem=stem, head=last, activation=nn.relu6, train=train, dtype=self.dtype
+        )
         x = nn.Dropout(self.dropout, deterministic=not train)(global_avg_pool(x))
         return classifier(x, self.num_classes, dtype=self.dtype)
 
@@ -212,21 +225,11 @@ class MobileNetV2(nn.Module):
 _RE, _HS = nn.relu, nn.hard_swish
 
 
-class MobileNetV3(nn.Module):
+class MobileNetV3(_MobileNet):
     """torchvision's MobileNetV3; `MobileNetV3Large` and `MobileNetV3Small` set the tables.
 
-    Attributes:
-      num_classes: number of output logits.
-      width_mult: multiplier of every channel count.
-      dropout: dropout rate before the classifier (torchvision: 0.2; needs a
-        "dropout" rng when training with a rate above 0).
-      dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
+    Attributes: see `_MobileNet`.
     """
-
-    num_classes: int
-    width_mult: float = 1.0
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
 
     # (kernel, expanded, out, use_se, activation, stride) per block, before width scaling.
     setting: ClassVar[tuple[tuple[int, int, int, bool, Activation, int], ...]] = ()
@@ -238,14 +241,6 @@ class MobileNetV3(nn.Module):
         """Maps images (B, H, W, C) to logits (B, num_classes)."""
         if not self.setting:
             raise ValueError("use MobileNetV3Large or MobileNetV3Small")
-        x = ConvBN(
-            make_divisible(16 * self.width_mult),
-            3,
-            strides=2,
-            activation=nn.hard_swish,
-            dtype=self.dtype,
-            name="stem",
-        )(x, train)
         blocks = [
             BlockConfig(
                 k,
@@ -257,10 +252,15 @@ class MobileNetV3(nn.Module):
             )
             for k, e, c, se, act, s in self.setting
         ]
-        x = _stages(x, blocks, train, self.dtype)
-        x = ConvBN(
-            6 * blocks[-1].features, 1, activation=nn.hard_swish, dtype=self.dtype, name="head"
-        )(x, train)
+        x = _features(
+            x,
+            blocks,
+            stem=make_divisible(16 * self.width_mult),
+            head=6 * blocks[-1].features,
+            activation=nn.hard_swish,
+            train=train,
+            dtype=self.dtype,
+        )
         x = nn.Dense(
             make_divisible(self.last_channel * self.width_mult), dtype=self.dtype, name="pre_logits"
         )(global_avg_pool(x))

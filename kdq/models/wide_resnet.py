@@ -17,16 +17,13 @@ import jax.numpy as jnp
 from kdq.models.layers import Dtype, batch_norm, classifier, conv, global_avg_pool
 
 
-class WideBasicBlock(nn.Module):
-    """Pre-activation block: BN -> ReLU -> conv3x3 -> BN -> ReLU -> dropout -> conv3x3, plus shortcut.
-
-    Where the stride or channel count changes, the shortcut is a strided 1x1
-    conv ("conv_shortcut") of the pre-activated input; otherwise it is the
-    input itself.
+class _WideLayer(nn.Module):
+    """The options of a pre-activation block and of a stage of them.
 
     Attributes:
       features: output channels.
-      strides: stride of the first convolution and of the shortcut.
+      strides: stride of the first convolution and of the shortcut (of the
+        first block in a stage).
       dropout: dropout rate between the convolutions (needs a "dropout" rng
         when training with a rate above 0).
       dtype: computation dtype.
@@ -36,6 +33,15 @@ class WideBasicBlock(nn.Module):
     strides: int = 1
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+
+
+class WideBasicBlock(_WideLayer):
+    """Pre-activation block: BN -> ReLU -> conv3x3 -> BN -> ReLU -> dropout -> conv3x3, plus shortcut.
+
+    Where the stride or channel count changes, the shortcut is a strided 1x1
+    conv ("conv_shortcut") of the pre-activated input; otherwise it is the
+    input itself. Attributes: see `_WideLayer`.
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -54,22 +60,14 @@ class WideBasicBlock(nn.Module):
         return shortcut + y
 
 
-class WideResNetStage(nn.Module):
+class WideResNetStage(_WideLayer):
     """`num_blocks` pre-activation blocks "block_0", "block_1", ...; the first one strides.
 
-    Attributes:
-      features: output channels.
+    Attributes (besides `_WideLayer`'s):
       num_blocks: number of blocks.
-      strides: stride of the first block.
-      dropout: dropout rate inside each block.
-      dtype: computation dtype.
     """
 
-    features: int
-    num_blocks: int
-    strides: int = 1
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
+    num_blocks: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -112,8 +110,8 @@ class WideResNet(nn.Module):
         for i, width in enumerate((16, 32, 64)):
             x = WideResNetStage(
                 width * self.widen_factor,
-                blocks,
                 strides=1 if i == 0 else 2,
+                num_blocks=blocks,
                 dropout=self.dropout,
                 dtype=self.dtype,
                 name=f"block{i + 1}",

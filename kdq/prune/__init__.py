@@ -1,4 +1,7 @@
-"""Pruning: importance masks, sparsity schedules and an optax pruning transform."""
+"""Pruning: importance masks, sparsity schedules and an optax pruning transform.
+
+`Pruning` names the schedule, rules and scope of a run's pruning together.
+"""
 
 from kdq.prune.masks import (
     PruneSpec,
@@ -15,11 +18,12 @@ from kdq.prune.schedules import (
     polynomial_schedule,
     polynomial_sparsity,
 )
-from kdq.prune.transform import PruneState, masked_pruning, masks_from_state
+from kdq.prune.transform import PruneState, Pruning, masked_pruning, masks_from_state
 
 __all__ = [
     "PruneSpec",
     "PruneState",
+    "Pruning",
     "SparsityReport",
     "SparsitySchedule",
     "apply_masks",

@@ -12,19 +12,24 @@ params + updates is exactly 0.0 at every pruned weight. A transform after it
 (momentum, weight decay, a learning-rate scale) would move pruned weights off
 zero again. Several `masked_pruning` transforms may be chained (e.g. different
 schedules for different layers); their masks combine by logical AND.
+
+`Pruning(schedule, rules, scope)` names the three inputs of one such
+transform, e.g. the pruning a run config asks for: `.transform()` builds it and
+`.sparsity(params)` measures what it achieved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from kdq.prune.masks import SCOPES, PruneSpec, tree_masks
+from kdq.prune.masks import SCOPES, PruneSpec, sparsity_of, tree_masks
 from kdq.prune.schedules import SparsitySchedule
-from kdq.rules import Rules, key_path_str, match_rules
+from kdq.rules import Rules, compile_rules, key_path_str, match_rules
 
 
 class PruneState(NamedTuple):
@@ -39,6 +44,15 @@ class PruneState(NamedTuple):
 
     count: jax.Array
     masks: Any
+
+
+def _check_schedule_and_scope(schedule: Any, scope: Any) -> None:
+    if not isinstance(schedule, SparsitySchedule):
+        raise ValueError(
+            f"schedule must be a SparsitySchedule, got {type(schedule).__name__}: {schedule!r}"
+        )
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got scope={scope!r}")
 
 
 def masked_pruning(
@@ -71,12 +85,7 @@ def masked_pruning(
       A `GradientTransformationExtraArgs` whose state is a `PruneState`; read
       the masks with `masks_from_state`.
     """
-    if not isinstance(schedule, SparsitySchedule):
-        raise ValueError(
-            f"schedule must be a SparsitySchedule, got {type(schedule).__name__}: {schedule!r}"
-        )
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got scope={scope!r}")
+    _check_schedule_and_scope(schedule, scope)
     rules = list(rules)
 
     def leaf_specs(params: Any) -> list[PruneSpec | None]:
@@ -128,6 +137,51 @@ def masked_pruning(
         return new_updates, PruneState(count=optax.safe_increment(state.count), masks=masks)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruning:
+    """The pruning of a training run: what `masked_pruning` is built from.
+
+    The rules select leaves of the tree the optimizer updates, the
+    `TrainState.trainable` dict {"params", "quant", "distill"} of kdq's
+    trainer, so a rule over the model's params reads "params/(<regex>)".
+
+    Attributes:
+      schedule: when the masks are recomputed and at which sparsity.
+      rules: (regex, PruneSpec | None) pairs over the updated tree's leaf
+        paths (stored as a tuple of pairs).
+      scope: "layer" or "global" (see `tree_masks`).
+
+    Raises:
+      ValueError: `schedule` is not a `SparsitySchedule`, `scope` is not in
+        `SCOPES`, or a rule is not a (valid regex, PruneSpec | None) pair.
+    """
+
+    schedule: SparsitySchedule
+    rules: tuple[tuple[str, PruneSpec | None], ...]
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        _check_schedule_and_scope(self.schedule, self.scope)
+        compile_rules(self.rules, PruneSpec, name="rules")
+        object.__setattr__(self, "rules", tuple(tuple(rule) for rule in self.rules))
+
+    def transform(self) -> optax.GradientTransformationExtraArgs:
+        """The `masked_pruning` transform; it goes last in the optimizer chain."""
+        return masked_pruning(self.schedule, self.rules, scope=self.scope)
+
+    def sparsity(self, params: Any) -> float:
+        """Overall sparsity of the pruned leaves of a model's params.
+
+        With P the leaves of {"params": params} that `rules` select, this is
+        sum_{w in P} #{w == 0} / sum_{w in P} size(w) (0.0 when P is empty):
+        `sparsity_of({"params": params}, rules).overall`.
+
+        Raises:
+          ValueError: no rule matches a leaf of {"params": params}.
+        """
+        return sparsity_of({"params": params}, self.rules).overall
 
 
 def _is_none(x: Any) -> bool:

@@ -1,5 +1,6 @@
 """Quantization: numerics, straight-through estimators, rules over pytrees,
-activation quantization, calibration, QAT state, PTQ and integer inference."""
+quantizer modes, activation quantization, calibration, QAT state, PTQ and
+integer inference."""
 
 from kdq.quant.calibration import calibrate_activations
 from kdq.quant.integer import (
@@ -23,18 +24,21 @@ from kdq.quant.qarray import QArray
 from kdq.quant.qat import (
     apply_quantized,
     init_quant_params,
-    lsq_paper_step,
-    pact_alpha_penalty,
     quantized_weights,
+    quantizer_penalties,
 )
-from kdq.quant.recipe import QuantRecipe
+from kdq.quant.quantizers import (
+    ActQuantizer,
+    WeightQuantizer,
+    learned_scale,
+    learned_state,
+)
+from kdq.quant.quantizers.lsq import learned_step, lsq_paper_step
+from kdq.quant.quantizers.pact import learned_alpha
+from kdq.quant.recipe import FLOAT, QuantRecipe, is_integer_model
 from kdq.quant.spec import QuantSpec
 from kdq.quant.ste import (
     clipped_straight_through,
-    learned_alpha,
-    learned_scale,
-    learned_state,
-    learned_step,
     lsq_fake_quant,
     lsq_grad_scale,
     pact_fake_quant,
@@ -44,10 +48,13 @@ from kdq.quant.ste import (
 from kdq.quant.tree import dequantize_tree, fake_quant_tree, quantize_tree, tree_specs
 
 __all__ = [
+    "FLOAT",
+    "ActQuantizer",
     "QArray",
     "QuantRecipe",
     "QuantSpec",
     "QuantizedModel",
+    "WeightQuantizer",
     "activation_interceptor",
     "activation_report",
     "apply_quantized",
@@ -61,6 +68,7 @@ __all__ = [
     "fake_quant_tree",
     "init_quant_params",
     "integer_apply",
+    "is_integer_model",
     "learned_alpha",
     "learned_scale",
     "learned_state",
@@ -68,12 +76,12 @@ __all__ = [
     "lsq_fake_quant",
     "lsq_grad_scale",
     "lsq_paper_step",
-    "pact_alpha_penalty",
     "pact_fake_quant",
     "ptq",
     "quantize",
     "quantize_tree",
     "quantized_weights",
+    "quantizer_penalties",
     "round_ste",
     "scale_from_range",
     "scale_shape",

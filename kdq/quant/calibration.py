@@ -32,6 +32,7 @@ from kdq.quant.intercept import STATS_COLLECTION, activation_interceptor, activa
 from kdq.quant.numerics import scale_from_range
 from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec, _parse_calibration
+from kdq.quant.tree import states_by_path
 
 METHODS = ("minmax", "ema", "percentile,<p>")
 
@@ -68,6 +69,65 @@ def batch_range(
     return jnp.percentile(x, low), jnp.percentile(x, high)
 
 
+def sown_statistics(
+    model: nn.Module, variables: Any, batches: list, recipe: QuantRecipe, record, apply_kwargs
+) -> list[dict[str, Any]]:
+    """Per batch, {"<module path>/lo" | "/hi": values} that `record(x, spec)` returns.
+
+    Each selected module input x of each batch goes through `record` (see
+    `activation_interceptor`); the sown values are tuples, one entry per call
+    of the module in the batch.
+    """
+
+    @jax.jit
+    def stats_of(variables, x):
+        with nn.intercept_methods(activation_interceptor(recipe, record=record)):
+            _, state = model.apply(variables, x, mutable=[STATS_COLLECTION], **apply_kwargs)
+        return state[STATS_COLLECTION]
+
+    return [
+        flax.traverse_util.flatten_dict(jax.device_get(stats_of(variables, x)), sep="/")
+        for x in batches
+    ]
+
+
+def _check_ema_decay(ema_decay: Any) -> None:
+    if (
+        isinstance(ema_decay, bool | np.bool_)
+        or not isinstance(ema_decay, int | float | np.integer | np.floating)
+        or not 0.0 <= ema_decay < 1.0
+    ):
+        raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={ema_decay!r}")
+
+
+def _aggregate(lo: np.ndarray, hi: np.ndarray, name: str, ema_decay: float):
+    """(lo, hi) over the batches' ranges by the method `name` (see the module docstring)."""
+    if name == "minmax":
+        return lo.min(), hi.max()
+    if name == "percentile":
+        return lo.mean(), hi.mean()
+    lo_agg, hi_agg = lo[0], hi[0]
+    for lo_b, hi_b in zip(lo[1:], hi[1:], strict=True):
+        lo_agg = ema_decay * lo_agg + (1 - ema_decay) * lo_b
+        hi_agg = ema_decay * hi_agg + (1 - ema_decay) * hi_b
+    return lo_agg, hi_agg
+
+
+def _batch_ranges(per_batch: list[dict[str, Any]], path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(lo_b, hi_b) of module `path`'s input on each batch; ValueError if one is not finite."""
+    # Sown values are tuples: one entry per call of the module in the batch.
+    lo = np.array([np.min(b[f"{path}/lo"]) for b in per_batch], np.float32)
+    hi = np.array([np.max(b[f"{path}/hi"]) for b in per_batch], np.float32)
+    bad = np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi)))
+    if bad.size:
+        raise ValueError(
+            f"the input of {path!r} has a non-finite range (NaN or inf) on calibration "
+            f"batch(es) {bad.tolist()} of {len(per_batch)}: calibration needs finite "
+            "activations; check those batches and the variables"
+        )
+    return lo, hi
+
+
 def calibrate_activations(
     model: nn.Module,
     variables: Any,
@@ -94,57 +154,63 @@ def calibrate_activations(
       act_state nested by module path: {path: {"scale"[, "zero_point"]}}.
     """
     name, percentile = _parse_method(method)
-    if (
-        isinstance(ema_decay, bool | np.bool_)
-        or not isinstance(ema_decay, int | float | np.integer | np.floating)
-        or not 0.0 <= ema_decay < 1.0
-    ):
-        raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={ema_decay!r}")
+    _check_ema_decay(ema_decay)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate_activations needs at least one batch, got none")
+    specs = activation_report(model, variables, batches[0], rules=recipe.act_rules, **apply_kwargs)
 
     def record(x, spec):
         return batch_range(x, spec, percentile)
 
-    @jax.jit
-    def stats_of(variables, x):
-        with nn.intercept_methods(activation_interceptor(recipe, record=record)):
-            _, state = model.apply(variables, x, mutable=[STATS_COLLECTION], **apply_kwargs)
-        return state[STATS_COLLECTION]
-
-    per_batch = []
-    for i, x in enumerate(batches):
-        if i == 0:
-            specs = activation_report(model, variables, x, rules=recipe.act_rules, **apply_kwargs)
-        per_batch.append(
-            flax.traverse_util.flatten_dict(jax.device_get(stats_of(variables, x)), sep="/")
-        )
-    if not per_batch:
-        raise ValueError("calibrate_activations needs at least one batch, got none")
-
+    per_batch = sown_statistics(model, variables, batches, recipe, record, apply_kwargs)
     flat = {}
     for path, spec in specs.items():
         if spec is None:
             continue
-        # Sown values are tuples: one entry per call of the module in the batch.
-        lo = np.array([np.min(b[f"{path}/lo"]) for b in per_batch], np.float32)
-        hi = np.array([np.max(b[f"{path}/hi"]) for b in per_batch], np.float32)
-        bad = np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi)))
-        if bad.size:
-            raise ValueError(
-                f"the input of {path!r} has a non-finite range (NaN or inf) on calibration "
-                f"batch(es) {bad.tolist()} of {len(per_batch)}: calibration needs finite "
-                "activations; check those batches and the variables"
-            )
-        if name == "minmax":
-            lo_agg, hi_agg = lo.min(), hi.max()
-        elif name == "percentile":
-            lo_agg, hi_agg = lo.mean(), hi.mean()
-        else:
-            lo_agg, hi_agg = lo[0], hi[0]
-            for lo_b, hi_b in zip(lo[1:], hi[1:], strict=True):
-                lo_agg = ema_decay * lo_agg + (1 - ema_decay) * lo_b
-                hi_agg = ema_decay * hi_agg + (1 - ema_decay) * hi_b
-        scale, zero_point = scale_from_range(lo_agg, hi_agg, spec)
+        lo, hi = _batch_ranges(per_batch, path)
+        scale, zero_point = scale_from_range(*_aggregate(lo, hi, name, ema_decay), spec)
         flat[f"{path}/scale"] = scale
         if zero_point is not None:
             flat[f"{path}/zero_point"] = zero_point
     return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def mean_abs_inputs(
+    model: nn.Module, variables: Any, batches: list, recipe: QuantRecipe, **apply_kwargs: Any
+) -> dict[str, float]:
+    """{module path: mean over batches of <|x|>} for every selected module input x."""
+
+    def record(x, spec):
+        mean = jnp.mean(jnp.abs(x.astype(jnp.float32)))
+        return mean, mean
+
+    per_batch = sown_statistics(model, variables, batches, recipe, record, apply_kwargs)
+    paths = {key.rsplit("/", 1)[0] for key in per_batch[0]}
+    return {path: float(np.mean([np.mean(b[f"{path}/hi"]) for b in per_batch])) for path in paths}
+
+
+class BatchCalibration:
+    """Calibration batches' measurements of each selected module input (`Calibration`).
+
+    `range(path)` comes from `calibrate_activations` (measured on
+    construction), `mean_abs(path)` from `mean_abs_inputs` (on first use).
+    """
+
+    def __init__(self, model, variables, batches, recipe, *, method, **apply_kwargs):
+        batches = list(batches)
+        self._measure = (model, variables, batches, recipe, apply_kwargs)
+        ranges = calibrate_activations(
+            model, variables, batches, recipe, method=method, **apply_kwargs
+        )
+        self.ranges = states_by_path(ranges)
+        self._means: dict[str, float] | None = None
+
+    def range(self, path: str) -> dict[str, Any]:
+        return self.ranges[path]
+
+    def mean_abs(self, path: str) -> float:
+        if self._means is None:
+            model, variables, batches, recipe, apply_kwargs = self._measure
+            self._means = mean_abs_inputs(model, variables, batches, recipe, **apply_kwargs)
+        return self._means[path]

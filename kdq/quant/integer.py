@@ -72,18 +72,15 @@ from jax import lax
 
 from kdq.quant.intercept import (
     SUPPORTED_MODULES,
-    _compiled,
-    _match,
-    lookup,
     module_input_interceptor,
+    module_rules,
+    module_state,
 )
-from kdq.quant.numerics import calibrate, dequantize, fake_quant, quantize
+from kdq.quant.numerics import dequantize, fake_quant, quantize
 from kdq.quant.qarray import QArray
-from kdq.quant.qat import weight_state
 from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec
-from kdq.quant.ste import LEARNED_MODES, learned_scale, learned_state, learned_step
-from kdq.quant.tree import tree_specs
+from kdq.quant.tree import states_by_path, tree_specs
 
 INT32_MAX = 2**31 - 1
 # Every integer of magnitude <= 2^24 is a float32, so are sums that stay within it.
@@ -110,18 +107,14 @@ class QuantizedModel:
 
 
 def _act_scales(quant_params: Any, recipe: QuantRecipe) -> Any:
-    state = flax.traverse_util.flatten_dict(quant_params.get("activations", {}), sep="/")
-    fields: dict[str, dict[str, Any]] = {}
-    for key, value in state.items():
-        path, field = key.rsplit("/", 1)
-        fields.setdefault(path, {})[field] = value
-    compiled = _compiled(recipe.act_rules)
-    scales = {}
-    for path, entry in fields.items():
-        if recipe.act_mode in LEARNED_MODES:
-            scales[path] = {"scale": learned_scale(entry, _match(path, compiled)[1], path)}
-        else:
-            scales[path] = {k: v for k, v in entry.items() if k in ("scale", "zero_point")}
+    quantizer = recipe.act_quantizer
+    if not quantizer.needs_calibration:
+        return {}
+    rules = module_rules(recipe.act_rules)
+    scales = {
+        path: quantizer.export(entry, rules.value(path), path)
+        for path, entry in states_by_path(quant_params.get("activations")).items()
+    }
     return flax.traverse_util.unflatten_dict(scales, sep="/")
 
 
@@ -130,12 +123,13 @@ def to_quantized_model(
 ) -> QuantizedModel:
     """Converts float params + quantizer state into a `QuantizedModel`.
 
-    Weights: calibrated mode quantizes with the spec's calibration; lsq mode
-    uses the learned steps as scales. Activations: static ranges, LSQ steps
-    (scale = step) and PACT clip values (scale = alpha / qmax) become static
-    scales (`kdq.quant.ste.learned_scale`, the scale QAT quantizes with, so
-    the integer levels are the trained ones); dynamic mode keeps none (scales
-    are computed per batch). Stochastic rules round to nearest here (the
+    Each weight and activation quantizer exports its state
+    (`kdq.quant.quantizers`, `export`). Weights: calibrated mode quantizes
+    with the spec's calibration; lsq mode uses the learned steps as scales.
+    Activations: static ranges, LSQ steps (scale = step) and PACT clip
+    values (scale = alpha / qmax) become static scales, computed as QAT
+    computes them, so the integer levels are the trained ones; dynamic mode
+    keeps none (scales are computed per batch). Stochastic rules round to nearest here (the
     model's recipe is `recipe.with_nearest_rounding()`).
 
     Args:
@@ -149,19 +143,15 @@ def to_quantized_model(
     """
     quant_params = quant_params or {}
     recipe = recipe.with_nearest_rounding()
+    quantizer = recipe.weight_quantizer
     flat = flax.traverse_util.flatten_dict(params, sep="/")
-    steps = flax.traverse_util.flatten_dict(quant_params.get("weights", {}), sep="/")
+    states = states_by_path(quant_params.get("weights"))
     for path, spec in tree_specs(params, recipe.weight_rules):
-        if spec is None:
-            continue
-        if recipe.weight_mode == "lsq":
-            step = learned_step(weight_state(steps, path), path)
-            flat[path] = quantize(flat[path], spec, scale=step)
-        else:
-            flat[path] = quantize(flat[path], spec)
+        if spec is not None:
+            flat[path] = quantizer.export(flat[path], spec, states.get(path, {}), path)
     return QuantizedModel(
         params=flax.traverse_util.unflatten_dict(flat, sep="/"),
-        act_scales=_act_scales(quant_params, recipe) if recipe.act_mode != "dynamic" else {},
+        act_scales=_act_scales(quant_params, recipe),
         recipe=recipe,
         model_state=dict(model_state or {}),
     )
@@ -170,10 +160,11 @@ def to_quantized_model(
 def to_qat_state(qmodel: QuantizedModel) -> tuple[Any, dict[str, Any]]:
     """Float params and quantizer state that continue QAT from a `QuantizedModel`.
 
-    The inverse of `to_quantized_model`: weights are dequantized; LSQ weight
-    steps are the weight scales; activation state is rebuilt for the recipe's
-    act_mode (static: the scales; lsq: step = scale; pact: alpha = scale *
-    qmax; learned values as logarithms, `kdq.quant.ste.learned_state`).
+    The inverse of `to_quantized_model` (each quantizer's `from_export`):
+    weights are dequantized; LSQ weight steps are the weight scales;
+    activation state is rebuilt for the recipe's act_mode (static: the
+    scales; lsq: step = scale; pact: alpha = scale * qmax; learned values as
+    logarithms).
     `to_quantized_model(*to_qat_state(q))` gives back q's integers (scales
     equal up to float32 rounding of exp(log(s)), a relative 1e-6).
 
@@ -184,40 +175,38 @@ def to_qat_state(qmodel: QuantizedModel) -> tuple[Any, dict[str, Any]]:
       (float params, quant_params) for `TrainState` / `apply_quantized`.
     """
     recipe = qmodel.recipe
+    weights, acts = recipe.weight_quantizer, recipe.act_quantizer
     flat = flax.traverse_util.flatten_dict(
         qmodel.params, sep="/", is_leaf=lambda _, x: isinstance(x, QArray)
     )
     params, steps = {}, {}
     for path, leaf in flat.items():
+        params[path] = leaf
         if isinstance(leaf, QArray):
             params[path] = dequantize(leaf)
-            if recipe.weight_mode == "lsq":
-                steps[path] = learned_state(leaf.scale, leaf.spec, "lsq")
-        else:
-            params[path] = leaf
-    activations = {}
-    compiled = _compiled(recipe.act_rules)
-    for key, value in flax.traverse_util.flatten_dict(qmodel.act_scales, sep="/").items():
-        path, field = key.rsplit("/", 1)
-        if recipe.act_mode in LEARNED_MODES and field == "scale":
-            activations[path] = learned_state(value, _match(path, compiled)[1], recipe.act_mode)
-        else:
-            activations[key] = value
+            state = weights.from_export(leaf)
+            if state is not None:
+                steps[path] = state
+    rules = module_rules(recipe.act_rules)
+    activations = {
+        path: acts.from_export(entry, rules.value(path))
+        for path, entry in states_by_path(qmodel.act_scales).items()
+    }
     unflatten = partial(flax.traverse_util.unflatten_dict, sep="/")
     quant_params = {"weights": unflatten(steps), "activations": unflatten(activations)}
     return unflatten(params), quant_params
 
 
 def _input_scale(qmodel: QuantizedModel, path: str, x: jax.Array, spec: QuantSpec):
-    if qmodel.recipe.act_mode == "dynamic":
-        return calibrate(x, spec)
+    """(scale, zero point) the quantized model quantizes module `path`'s input x with."""
+    quantizer = qmodel.recipe.act_quantizer
     try:
-        state = lookup(qmodel.act_scales, path)
-    except (KeyError, TypeError):
+        exported = module_state(quantizer, qmodel.act_scales, path)
+    except ValueError:
         raise ValueError(
             f"the quantized model has no activation scale for module {path!r}"
         ) from None
-    return state["scale"], state.get("zero_point")
+    return quantizer.input_range(x, spec, exported)
 
 
 def fake_quant_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwargs) -> Any:
@@ -266,45 +255,50 @@ def _channels_per_slice(module: nn.Module, kernel: QArray, act_spec: QuantSpec) 
     return exact_terms // window
 
 
-def _check_integer_ready(
-    path: str, module: nn.Module, x: jax.Array, act_spec: QuantSpec, kernel: QArray
-):
-    """Raises a ValueError naming the module if the integer path cannot run it exactly."""
-    problem = None
+def _unsupported(module: nn.Module, x: jax.Array, act_spec: QuantSpec, kernel: QArray):
+    """What the integer path cannot run in this module call, or None."""
     contracted = {x.ndim - 1} if not isinstance(module, nn.Conv) else set(range(1, x.ndim))
     act_axes = {a % x.ndim for a in act_spec.axes}
     if not act_spec.symmetric or not kernel.spec.symmetric:
-        problem = "zero points (symmetric=False)"
-    elif kernel.spec.group_size is not None:
-        problem = "per-group weight scales"
-    elif act_spec.group_size is not None:
-        problem = f"per-group activation scales (group_size={act_spec.group_size})"
-    elif act_axes & contracted:
-        problem = (
+        return "zero points (symmetric=False)"
+    if kernel.spec.group_size is not None:
+        return "per-group weight scales"
+    if act_spec.group_size is not None:
+        return f"per-group activation scales (group_size={act_spec.group_size})"
+    if act_axes & contracted:
+        return (
             f"activation scales along axes {tuple(sorted(act_axes & contracted))} of the "
             f"{x.shape} input, which the module sums over (activation axes={act_spec.axes}); "
             "scales must be constant along the contraction: per tensor, per row of a dense "
             "layer's input (axes over its leading dimensions, e.g. per token), or per "
             "example of a convolution's input (axes=(0,))"
         )
-    elif any(d != 1 for d in kernel.scale.shape[:-1]):
-        problem = (
+    if any(d != 1 for d in kernel.scale.shape[:-1]):
+        return (
             f"weight scales of shape {kernel.scale.shape} (only per-tensor or per-output-channel)"
         )
-    elif isinstance(module, nn.Einsum):
-        problem = "Einsum modules"
-    elif isinstance(module, nn.DenseGeneral) and (
+    if isinstance(module, nn.Einsum):
+        return "Einsum modules"
+    if isinstance(module, nn.DenseGeneral) and (
         module.axis not in (-1, (-1,)) or module.batch_dims
     ):
-        problem = "DenseGeneral contracting other axes than the last"
-    elif (
+        return "DenseGeneral contracting other axes than the last"
+    if (
         isinstance(module, nn.Conv)
         and isinstance(module.padding, str)
         and (module.padding.upper() not in ("SAME", "VALID"))
     ):
-        problem = f"Conv padding {module.padding!r} (only 'SAME', 'VALID' or explicit)"
-    elif not isinstance(module, SUPPORTED_MODULES):
-        problem = f"{type(module).__name__} modules"
+        return f"Conv padding {module.padding!r} (only 'SAME', 'VALID' or explicit)"
+    if not isinstance(module, SUPPORTED_MODULES):
+        return f"{type(module).__name__} modules"
+    return None
+
+
+def _check_integer_ready(
+    path: str, module: nn.Module, x: jax.Array, act_spec: QuantSpec, kernel: QArray
+):
+    """Raises a ValueError naming the module if the integer path cannot run it exactly."""
+    problem = _unsupported(module, x, act_spec, kernel)
     if problem:
         raise ValueError(
             f"the integer path does not support {problem} (module {path!r}); "
@@ -451,7 +445,7 @@ def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwar
 
 def _apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, *, integer: bool, **kwargs):
     """Runs `model` on a `QuantizedModel`: integer or fake-quantized selected modules."""
-    compiled = _compiled(qmodel.recipe.act_rules)
+    rules = module_rules(qmodel.recipe.act_rules)
     flat = flax.traverse_util.flatten_dict(
         qmodel.params, sep="/", is_leaf=lambda _, x: isinstance(x, QArray)
     )
@@ -459,7 +453,7 @@ def _apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, *, integer: b
     if integer:
         for key, leaf in flat.items():
             path = key.rsplit("/", 1)[0] if "/" in key else ""
-            if key.endswith("kernel") and isinstance(leaf, QArray) and _match(path, compiled)[1]:
+            if key.endswith("kernel") and isinstance(leaf, QArray) and rules.value(path):
                 integer_modules.add(path)
     params = {
         key: leaf

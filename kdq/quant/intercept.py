@@ -8,10 +8,12 @@ is fake-quantized before the module runs:
     with nn.intercept_methods(activation_interceptor(recipe, act_state)):
         logits = model.apply(variables, x)
 
-`act_state` holds the per-module quantizer state, nested by module path:
-{"Dense_0": {"scale": s[, "zero_point": z]}} (static), {"log_step": log s}
-(lsq) or {"log_alpha": log alpha} (pact; see `kdq.quant.ste` for why learned
-values are stored as logarithms); dynamic mode needs none.
+The input is quantized by the quantizer of `recipe.act_mode`
+(`kdq.quant.quantizers`). `act_state` holds its per-module state, nested by
+module path, e.g. {"Dense_0": {"scale": s[, "zero_point": z]}} (static),
+{"log_step": log s} (lsq) or {"log_alpha": log alpha} (pact; see
+`kdq.quant.quantizers.base.learned_value` for why learned values are stored
+as logarithms); dynamic mode needs none.
 
 Stochastic rounding: pass `key`; module `path`'s n-th call in one forward pass
 uses fold_in(fold_in(key, path_key(path)), n), so every module and call draws
@@ -20,7 +22,6 @@ independent noise.
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -28,16 +29,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from kdq.quant.numerics import fake_quant
+from kdq.quant.quantizers import ActQuantizer
 from kdq.quant.recipe import QuantRecipe, Rules
 from kdq.quant.spec import QuantSpec
-from kdq.quant.ste import (
-    learned_alpha,
-    learned_step,
-    lsq_fake_quant,
-    lsq_grad_scale,
-    pact_fake_quant,
-)
+from kdq.rules import PathRules
 
 SUPPORTED_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 STATS_COLLECTION = "kdq_activation_stats"
@@ -53,15 +48,9 @@ def module_path(module: nn.Module) -> str:
     return "/".join(module.path)
 
 
-def _compiled(rules: Rules) -> list[tuple[re.Pattern, QuantSpec | None]]:
-    return [(re.compile(pattern), spec) for pattern, spec in rules]
-
-
-def _match(path: str, compiled) -> tuple[int | None, QuantSpec | None]:
-    for i, (regex, spec) in enumerate(compiled):
-        if regex.fullmatch(path):
-            return i, spec
-    return None, None
+def module_rules(rules: Rules) -> PathRules:
+    """Activation rules, (regex, QuantSpec | None) over module paths, as `PathRules`."""
+    return PathRules(rules, QuantSpec, name="act_rules")
 
 
 def lookup(tree: Any, path: str) -> Any:
@@ -87,13 +76,13 @@ def module_input_interceptor(rules: Rules, call: Callable[..., Any]):
     Returns:
       A function for `flax.linen.intercept_methods`.
     """
-    compiled = _compiled(rules)
+    compiled = module_rules(rules)
 
     def interceptor(next_fun, args, kwargs, context):
         if not _is_module_call(context) or not args:
             return next_fun(*args, **kwargs)
         path = module_path(context.module)
-        _, spec = _match(path, compiled)
+        spec = compiled.value(path)
         if spec is None:
             return next_fun(*args, **kwargs)
         return call(next_fun, args, kwargs, context.module, path, spec)
@@ -123,6 +112,7 @@ def activation_interceptor(
       A function for `flax.linen.intercept_methods`.
     """
     calls: dict[str, int] = {}
+    quantizer = recipe.act_quantizer
 
     def call(next_fun, args, kwargs, module, path, spec):
         x, rest = args[0], args[1:]
@@ -135,43 +125,28 @@ def activation_interceptor(
         if key is not None and spec.rounding == "stochastic":
             index = calls[path] = calls.get(path, -1) + 1
             call_key = jax.random.fold_in(jax.random.fold_in(key, path_key(path)), index)
-        x_hat = quantize_input(x, spec, recipe.act_mode, act_state, path, key=call_key)
+        state = module_state(quantizer, act_state, path)
+        x_hat = quantizer.apply(x, spec, state, key=call_key, path=path)
         return next_fun(x_hat, *rest, **kwargs)
 
     return module_input_interceptor(recipe.act_rules, call)
 
 
-def quantize_input(
-    x: jax.Array,
-    spec: QuantSpec,
-    mode: str,
-    act_state: Any,
-    path: str,
-    *,
-    key: jax.Array | None = None,
-):
-    """Fake-quantizes one module input according to the activation mode.
+def module_state(quantizer: ActQuantizer, act_state: Any, path: str) -> Any:
+    """Module `path`'s entry of `act_state` (None for a quantizer without state).
 
-    `key` is the PRNG key of a stochastic-rounding spec (dynamic / static modes).
+    Raises:
+      ValueError: the quantizer keeps state and `act_state` has none for `path`.
     """
-    if mode == "dynamic":
-        return fake_quant(x, spec, key=key)
+    if not quantizer.needs_calibration:
+        return None
     try:
-        state = lookup(act_state, path)
+        return lookup(act_state, path)
     except (KeyError, TypeError):
         raise ValueError(
-            f"no {mode} activation state for module {path!r}: calibrate the activations "
-            "(kdq.quant.calibrate_activations / init_quant_params) before applying"
+            f"no {quantizer.name} activation state for module {path!r}: calibrate the "
+            "activations (kdq.quant.calibrate_activations / init_quant_params) before applying"
         ) from None
-    if mode == "static":
-        return fake_quant(
-            x, spec, scale=state["scale"], zero_point=state.get("zero_point"), key=key
-        )
-    if mode == "lsq":
-        features = max(x[0].size if x.ndim > 1 else x.size, 1)
-        step = learned_step(state, path)
-        return lsq_fake_quant(x, step, spec, grad_scale=lsq_grad_scale(features, spec))
-    return pact_fake_quant(x, learned_alpha(state, path), spec)
 
 
 def activation_report(
@@ -194,7 +169,7 @@ def activation_report(
         only modules kdq cannot quantize (e.g. a custom block: select the
         layers inside it).
     """
-    compiled = _compiled(rules)
+    compiled = module_rules(rules)
     supported: dict[str, QuantSpec | None] = {}
     hits: dict[int, list[str]] = {}
     unsupported: dict[int, list[str]] = {}
@@ -202,7 +177,7 @@ def activation_report(
     def interceptor(next_fun, call_args, call_kwargs, context):
         path = module_path(context.module)
         if context.method_name == "__call__" and path:
-            index, spec = _match(path, compiled)
+            index, spec = compiled.lookup(path)
             if isinstance(context.module, SUPPORTED_MODULES):
                 supported[path] = spec
                 if index is not None:
@@ -227,7 +202,7 @@ def activation_report(
             )
     if compiled and not any(spec is not None for spec in supported.values()):
         raise ValueError(
-            f"act_rules {[p.pattern for p, _ in compiled]} select no Dense/DenseGeneral/Conv/"
+            f"act_rules {compiled.patterns} select no Dense/DenseGeneral/Conv/"
             f"Einsum module (regexes must match a whole module path); their paths: "
             f"{sorted(supported)}"
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -10,12 +10,12 @@ import jax
 
 from kdq.quant.integer import QuantizedModel, to_quantized_model
 from kdq.quant.qat import init_quant_params
-from kdq.quant.recipe import QuantRecipe
+from kdq.quant.recipe import PTQ_ACT_MODES, PTQ_WEIGHT_MODES, QuantRecipe
 
 
 def ptq(
     model: nn.Module,
-    variables: Any,
+    variables: Mapping[str, Any],
     batches: Iterable[jax.Array],
     recipe: QuantRecipe,
     *,
@@ -32,18 +32,20 @@ def ptq(
       model: any Linen model.
       variables: its trained variables (variables["params"] float).
       batches: calibration inputs, each (B, ...).
-      recipe: with weight_mode "calibrated" and act_mode "static" (or
-        "dynamic" for per-batch activation ranges at inference).
+      recipe: with quantizers that learn nothing: weight_mode "calibrated"
+        and act_mode "static" (or "dynamic" for per-batch activation ranges
+        at inference).
       act_method: "minmax", "ema" or "percentile,<p>".
       **apply_kwargs: passed to `model.apply` (e.g. train=False).
 
     Returns:
       The `QuantizedModel` (run it with `integer_apply` / `fake_quant_apply`).
     """
-    if recipe.weight_mode != "calibrated" or recipe.act_mode not in ("static", "dynamic"):
+    if recipe.weight_quantizer.learned or recipe.act_quantizer.learned:
         raise ValueError(
-            "ptq needs weight_mode='calibrated' and act_mode 'static' or 'dynamic', got "
-            f"weight_mode={recipe.weight_mode!r}, act_mode={recipe.act_mode!r}"
+            f"ptq needs quantizers without learned state: weight_mode in {PTQ_WEIGHT_MODES} "
+            f"and act_mode in {PTQ_ACT_MODES}, got weight_mode={recipe.weight_mode!r}, "
+            f"act_mode={recipe.act_mode!r}"
         )
     quant_params = init_quant_params(
         model, variables, recipe, batches, act_method=act_method, **apply_kwargs

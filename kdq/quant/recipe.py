@@ -27,12 +27,17 @@ import json
 import math
 from typing import Any
 
+from kdq.quant import quantizers
 from kdq.quant.spec import QuantSpec
 from kdq.rules import compile_rules
 
 DEFAULT_PACT_ALPHA_DECAY = 2e-4
-WEIGHT_MODES = ("calibrated", "lsq")
-ACT_MODES = ("dynamic", "static", "lsq", "pact")
+# The modes of kdq.quant.quantizers (a mode registered later is accepted too).
+WEIGHT_MODES = tuple(quantizers.WEIGHT_QUANTIZERS)
+ACT_MODES = tuple(quantizers.ACT_QUANTIZERS)
+# The modes that learn nothing: a post-training recipe uses these.
+PTQ_WEIGHT_MODES = tuple(m for m, q in quantizers.WEIGHT_QUANTIZERS.items() if not q.learned)
+PTQ_ACT_MODES = tuple(m for m, q in quantizers.ACT_QUANTIZERS.items() if not q.learned)
 
 Rules = tuple[tuple[str, QuantSpec | None], ...]
 
@@ -49,8 +54,8 @@ class QuantRecipe:
     Attributes:
       weight_rules: (regex, QuantSpec | None) over param paths.
       act_rules: (regex, QuantSpec | None) over module paths.
-      weight_mode: "calibrated" or "lsq".
-      act_mode: "dynamic", "static", "lsq" or "pact".
+      weight_mode: a mode of `WEIGHT_MODES` ("calibrated" or "lsq").
+      act_mode: a mode of `ACT_MODES` ("dynamic", "static", "lsq" or "pact").
       pact_alpha_decay: lambda >= 0 of the PACT penalty lambda * sum alpha^2
         (used when act_mode is "pact"); default 2e-4.
     """
@@ -64,45 +69,13 @@ class QuantRecipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_rules", _freeze_rules(self.weight_rules, "weight_rules"))
         object.__setattr__(self, "act_rules", _freeze_rules(self.act_rules, "act_rules"))
-        if self.weight_mode not in WEIGHT_MODES:
-            raise ValueError(
-                f"weight_mode must be one of {WEIGHT_MODES}, got weight_mode={self.weight_mode!r}"
-            )
-        if self.act_mode not in ACT_MODES:
-            raise ValueError(f"act_mode must be one of {ACT_MODES}, got act_mode={self.act_mode!r}")
-        if self.act_mode != "dynamic":
-            for pattern, spec in self.act_rules:
-                if spec is not None and (spec.axes or spec.group_size):
-                    raise ValueError(
-                        f"act_rules {pattern!r}: {self.act_mode} activation ranges are per "
-                        f"tensor; got axes={spec.axes}, group_size={spec.group_size}"
-                    )
-                if spec is not None and self.act_mode in ("lsq", "pact") and not spec.symmetric:
-                    raise ValueError(
-                        f"act_rules {pattern!r}: {self.act_mode} learns a symmetric quantizer; "
-                        "use symmetric=True (signed=False for non-negative inputs)"
-                    )
-        if self.weight_mode == "lsq":
-            for pattern, spec in self.weight_rules:
-                if spec is not None and not spec.symmetric:
-                    raise ValueError(
-                        f"weight_rules {pattern!r}: lsq learns a symmetric quantizer; "
-                        "use symmetric=True"
-                    )
-        learned = (
-            ("weight_rules", self.weight_rules, self.weight_mode == "lsq"),
-            ("act_rules", self.act_rules, self.act_mode in ("lsq", "pact")),
-        )
-        for name, rules, is_learned in learned:
+        for quantizer, name, rules in (
+            (self.weight_quantizer, "weight_rules", self.weight_rules),
+            (self.act_quantizer, "act_rules", self.act_rules),
+        ):
             for pattern, spec in rules:
-                if is_learned and spec is not None and spec.rounding == "stochastic":
-                    mode = self.weight_mode if name == "weight_rules" else self.act_mode
-                    raise ValueError(
-                        f"{name} {pattern!r}: rounding='stochastic' is not supported with "
-                        f"{mode} quantizers (their gradients are defined for round to "
-                        "nearest); use rounding='nearest', or a calibrated / dynamic / "
-                        "static mode"
-                    )
+                if spec is not None:
+                    quantizer.check_spec(name, pattern, spec)
         decay = self.pact_alpha_decay
         if (
             isinstance(decay, bool)
@@ -114,6 +87,16 @@ class QuantRecipe:
                 f"pact_alpha_decay must be a finite number >= 0, got pact_alpha_decay={decay!r}"
             )
         object.__setattr__(self, "pact_alpha_decay", float(decay))
+
+    @property
+    def weight_quantizer(self) -> quantizers.WeightQuantizer:
+        """The registered quantizer of `weight_mode` (see `kdq.quant.quantizers`)."""
+        return quantizers.weight_quantizer(self.weight_mode)
+
+    @property
+    def act_quantizer(self) -> quantizers.ActQuantizer:
+        """The registered quantizer of `act_mode` (see `kdq.quant.quantizers`)."""
+        return quantizers.act_quantizer(self.act_mode)
 
     @property
     def stochastic(self) -> bool:
@@ -179,3 +162,22 @@ class QuantRecipe:
             act_mode=data["act_mode"],
             pact_alpha_decay=data.get("pact_alpha_decay", DEFAULT_PACT_ALPHA_DECAY),
         )
+
+
+FLOAT = QuantRecipe()  # quantizes nothing: the float model
+
+
+def is_integer_model(recipe: QuantRecipe) -> bool:
+    """Whether `recipe` yields a model that runs in integers end to end.
+
+    That needs quantized weights and quantized activations (static, learned
+    or dynamic ranges: `kdq.quant.integer_apply` runs each of them on integer
+    operands).
+
+    Args:
+      recipe: the quantization recipe.
+
+    Returns:
+      True when some weight rule and some activation rule have a spec.
+    """
+    return recipe.quantizes_weights and recipe.quantizes_activations

@@ -8,25 +8,15 @@
 * `lsq_fake_quant`: LSQ, learned step size (Esser et al. 2020).
 * `pact_fake_quant`: PACT, learned clipping value (Choi et al. 2018).
 
-Learned quantizer parameters are kept positive by construction: the trainable
-state stores u = log s (LSQ, key "log_step") or u = log alpha (PACT, key
-"log_alpha"), and the forward pass uses s = exp(clip(u, -44, 44)), the clip
-passed straight through (ds/du = s everywhere), so s lies in
-[e^-44, e^44] ~ [8e-20, 1e19], positive and finite for every finite u. No
-optimizer update can make a step zero or negative, and an update of u changes
-the step by a factor exp(du), the same relative change at every scale (as for
-the log-domain thresholds of Jain et al. 2019, "Trained quantization
-thresholds"). The gradient with respect to u is the paper's gradient with
-respect to s times ds/du = s. `learned_state`, `learned_scale`, `learned_step`
-and `learned_alpha` are the only conversions between these forms and a
-quantizer scale; keep the state in a pytree next to the params and train it
-with the same optax optimizer.
+The learned step s and clip value alpha are passed in as positive arrays;
+`kdq.quant.quantizers` keeps them as logarithms in the trainable state
+(`kdq.quant.quantizers.base.learned_value`), so they stay positive whatever
+the optimizer does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from functools import partial
 
 import jax
@@ -35,12 +25,6 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from kdq.quant.spec import QuantSpec
-
-LSQ_KEY = "log_step"
-PACT_KEY = "log_alpha"
-LEARNED_MODES = {"lsq": LSQ_KEY, "pact": PACT_KEY}
-# |log s| bound of learned steps / clip values (see the module docstring).
-LOG_BOUND = 44.0
 
 
 @jax.custom_jvp
@@ -186,7 +170,7 @@ def lsq_fake_quant(
       x: array to quantize.
       step: learned step s > 0, broadcastable to x (a scalar per tensor, or
         e.g. shape (1, out) per output channel); trainable state stores log s
-        (see `learned_step`), so the gradient reaching it is s times the one below.
+        (see `kdq.quant.learned_step`), so the gradient reaching it is s times the one below.
       spec: symmetric quantizer giving bits and signedness (its calibration is
         not used: use `calibrate` once to initialise `step`).
       grad_scale: g; default 1 / sqrt(N * Q_P) with N = x.size / step.size,
@@ -199,13 +183,7 @@ def lsq_fake_quant(
     x = jnp.asarray(x)
     step = jnp.asarray(step, x.dtype)
     q_neg, q_pos = _lsq_levels(spec)
-    try:
-        jnp.broadcast_shapes(step.shape, x.shape)
-    except ValueError:
-        raise ValueError(
-            f"step of shape {step.shape} does not broadcast to x of shape {x.shape}"
-        ) from None
-    step = _check_positive_if_concrete(step, "step")
+    step = _check_learned(step, x, "step")
     if grad_scale is None:
         grad_scale = lsq_grad_scale(max(x.size // max(step.size, 1), 1), spec)
     return _lsq(x, step, q_neg, q_pos, float(grad_scale))
@@ -270,7 +248,7 @@ def pact_fake_quant(x: ArrayLike, alpha: ArrayLike, spec: QuantSpec) -> jax.Arra
     Args:
       x: activations.
       alpha: learned clipping value > 0, broadcastable to x (trainable state
-        stores log alpha: see `learned_alpha`).
+        stores log alpha: see `kdq.quant.learned_alpha`).
       spec: symmetric quantizer giving bits and signedness.
 
     Returns:
@@ -280,13 +258,7 @@ def pact_fake_quant(x: ArrayLike, alpha: ArrayLike, spec: QuantSpec) -> jax.Arra
     alpha = jnp.asarray(alpha, x.dtype)
     if not spec.symmetric:
         raise ValueError(f"PACT clips to a symmetric range; got spec.symmetric={spec.symmetric}")
-    try:
-        jnp.broadcast_shapes(alpha.shape, x.shape)
-    except ValueError:
-        raise ValueError(
-            f"alpha of shape {alpha.shape} does not broadcast to x of shape {x.shape}"
-        ) from None
-    alpha = _check_positive_if_concrete(alpha, "alpha")
+    alpha = _check_learned(alpha, x, "alpha")
     return _pact(x, alpha, spec.qmin, spec.qmax, spec.signed)
 
 
@@ -305,88 +277,17 @@ def _check_positive_if_concrete(value: jax.Array, name: str) -> jax.Array:
         raise ValueError(
             f"{name} must be positive and finite, got {name}={values[bad].ravel()[0].item()!r}"
             f" ({int(bad.sum())} bad value(s) of {values.size}); learned state stores "
-            f"log {name}: build it with kdq.quant.ste.learned_state"
+            f"log {name}: build it with kdq.quant.learned_state"
         )
     return value
 
 
-def _learned_key(state: Mapping[str, jax.Array], key: str, path: str) -> jax.Array:
+def _check_learned(value: jax.Array, x: jax.Array, name: str) -> jax.Array:
+    """`value` (a step or clip value), checked to broadcast to x and be positive and finite."""
     try:
-        return state[key]
-    except (KeyError, TypeError):
-        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        jnp.broadcast_shapes(value.shape, x.shape)
+    except ValueError:
         raise ValueError(
-            f"learned quantizer state{f' of {path!r}' if path else ''} needs the key {key!r} "
-            f"(got {got}); build it with kdq.quant.init_quant_params or learned_state"
+            f"{name} of shape {value.shape} does not broadcast to x of shape {x.shape}"
         ) from None
-
-
-def _positive(u: ArrayLike) -> jax.Array:
-    """exp(clip(u, -LOG_BOUND, LOG_BOUND)) with d/du = exp(.) (the clip passed straight through)."""
-    u = jnp.asarray(u, jnp.float32)
-    return jnp.exp(straight_through(u, jnp.clip(u, -LOG_BOUND, LOG_BOUND)))
-
-
-def learned_step(state: Mapping[str, jax.Array], path: str = "") -> jax.Array:
-    """The LSQ step s = exp(clip(state["log_step"], -LOG_BOUND, LOG_BOUND)) > 0.
-
-    Args:
-      state: LSQ state of one quantizer ({"log_step": u}).
-      path: the quantizer's path, named in the error when the key is missing.
-
-    Returns:
-      The positive, finite step s (the shape of u).
-    """
-    return _positive(_learned_key(state, LSQ_KEY, path))
-
-
-def learned_alpha(state: Mapping[str, jax.Array], path: str = "") -> jax.Array:
-    """The PACT clip alpha = exp(clip(state["log_alpha"], -LOG_BOUND, LOG_BOUND)) > 0.
-
-    Args:
-      state: PACT state of one quantizer ({"log_alpha": u}).
-      path: the quantizer's path, named in the error when the key is missing.
-
-    Returns:
-      The positive, finite clipping value alpha (the shape of u).
-    """
-    return _positive(_learned_key(state, PACT_KEY, path))
-
-
-def learned_scale(state: Mapping[str, jax.Array], spec: QuantSpec, path: str = "") -> jax.Array:
-    """The quantizer scale of LSQ / PACT state: s = step, or s = alpha / qmax.
-
-    This is the scale the QAT forward pass quantizes with, computed the same
-    way, so an exported model (`to_quantized_model`) uses the same levels.
-
-    Args:
-      state: LSQ ({"log_step"}) or PACT ({"log_alpha"}) state of one quantizer.
-      spec: the quantizer (gives qmax for PACT).
-      path: the quantizer's path, named in the error when the key is missing.
-
-    Returns:
-      The positive float32 scale.
-    """
-    if isinstance(state, Mapping) and PACT_KEY in state:
-        return _pact_scale(learned_alpha(state, path), spec.qmax)
-    return learned_step(state, path)
-
-
-def learned_state(scale: ArrayLike, spec: QuantSpec, mode: str) -> dict[str, jax.Array]:
-    """Trainable state whose quantizer scale is `scale` (the inverse of `learned_scale`).
-
-    Args:
-      scale: positive scale(s), e.g. from calibration.
-      spec: the quantizer (gives qmax for PACT).
-      mode: "lsq" ({"log_step": log s}) or "pact" ({"log_alpha": log(s * qmax)}).
-
-    Returns:
-      The state dict; `learned_scale(state, spec)` equals `scale` up to float32
-      rounding of exp(log(.)) (a relative 1e-6).
-    """
-    if mode not in LEARNED_MODES:
-        raise ValueError(f"mode must be one of {tuple(LEARNED_MODES)}, got mode={mode!r}")
-    scale = _check_positive_if_concrete(jnp.asarray(scale, jnp.float32), "scale")
-    if mode == "lsq":
-        return {LSQ_KEY: jnp.log(scale)}
-    return {PACT_KEY: jnp.log(scale * spec.qmax)}
+    return _check_positive_if_concrete(value, name)

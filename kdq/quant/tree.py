@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -44,7 +45,7 @@ def _map_selected(fn, params: Any, rules: Rules, key: jax.Array | None) -> Any:
             out.append(leaf)
         else:
             leaf_key = None if key is None else jax.random.fold_in(key, i)
-            out.append(fn(leaf, spec, leaf_key))
+            out.append(fn(leaf, spec, key=leaf_key))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -59,21 +60,37 @@ def fake_quant_tree(params: Any, rules: Rules, *, key: jax.Array | None = None) 
     Returns:
       A pytree of the same structure and dtypes.
     """
-    return _map_selected(lambda x, spec, k: fake_quant(x, spec, key=k), params, rules, key)
+    return _map_selected(fake_quant, params, rules, key)
 
 
 def quantize_tree(params: Any, rules: Rules, *, key: jax.Array | None = None) -> Any:
     """Replaces each leaf selected by `rules` with its `QArray`.
 
     Args:
-      params: pytree of float arrays.
-      rules: (regex, QuantSpec | None) pairs matched against leaf paths.
-      key: PRNG key for stochastic rounding (folded with each leaf's index).
+      params: any pytree of float arrays.
+      rules: (regex, QuantSpec | None) over '/'-joined leaf paths.
+      key: PRNG key for rules with rounding="stochastic" (as `fake_quant_tree`).
 
     Returns:
       The pytree with `QArray` leaves where a spec matched, arrays elsewhere.
     """
-    return _map_selected(lambda x, spec, k: quantize(x, spec, key=k), params, rules, key)
+    return _map_selected(quantize, params, rules, key)
+
+
+def states_by_path(state: Any) -> dict[str, dict[str, Any]]:
+    """Quantizer state nested by path, as {path: {field: leaf}}.
+
+    The last key of each leaf is its field, the keys before it the
+    '/'-joined path of the weight or module the state belongs to.
+
+    >>> states_by_path({"block": {"Dense_0": {"scale": 1.0, "zero_point": 0}}})
+    {'block/Dense_0': {'scale': 1.0, 'zero_point': 0}}
+    """
+    by_path: dict[str, dict[str, Any]] = {}
+    for key, value in flax.traverse_util.flatten_dict(state or {}, sep="/").items():
+        path, _, field = key.rpartition("/")
+        by_path.setdefault(path, {})[field] = value
+    return by_path
 
 
 def dequantize_tree(tree: Any) -> Any:

@@ -3,39 +3,52 @@
 Experiment configs (`experiments/configs/*.py`) start from `default_config()`
 and change what they need; any field can be overridden on the command line,
 e.g. `--config.seed=1 --config.quant.weight_bits=2`. `validate` checks every
-field against `FIELDS` (kind, range, finiteness) before a run builds anything.
+field against `FIELDS` (kind, range, finiteness) and refuses fields the schema
+does not have, before a run builds anything. The builders `quant_recipe`,
+`pruning` and `build_model` turn sections into kdq objects; each raises a
+ValueError prefixed with its section (`config.quant: ...`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import math
-import re
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
 import ml_collections
 
 from kdq.models import create_model
-from kdq.prune import PruneSpec, one_shot_schedule, polynomial_schedule
+from kdq.prune import PruneSpec, Pruning, SparsitySchedule, one_shot_schedule, polynomial_schedule
 from kdq.prune.masks import IMPORTANCES, SCOPES, STRUCTURES
 from kdq.quant import QuantSpec
 from kdq.quant.qat import LSQ_INITS
 from kdq.quant.recipe import ACT_MODES, DEFAULT_PACT_ALPHA_DECAY, WEIGHT_MODES, QuantRecipe
-from kdq.rules import tree_paths
+from kdq.rules import PathRules, tree_paths
+from kdq.tasks import TASKS
+
+# The names `config.task` accepts: the tasks of `kdq.tasks.TASKS`.
+TASK_NAMES = tuple(TASKS)
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Returns the default configuration (a float MLP trained on digits).
 
     Returns:
-      A `ml_collections.ConfigDict`; see the comments in this function.
+      A `ml_collections.ConfigDict`; see the comments in this function and in
+      the section builders it calls.
     """
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.dataset = "digits"
     # "" means $KDQ_DATA_DIR or ~/.cache/kdq/tensorflow_datasets.
     config.data_dir = ""
+    # What is learned from the dataset (a name of kdq.tasks.TASKS): what a
+    # batch holds, the targets, the metrics and the evaluation sums.
+    config.task = "classification"
 
     # A model: its registered name, its options, and its computation dtype
     # ("" keeps the model's default; e.g. "bfloat16" on GPU/TPU).
@@ -48,68 +61,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Objective: {term name: {"weight": w, **loss options}}; see kdq.distill.objective.
     config.losses = ml_collections.ConfigDict({"ce": {"weight": 1.0}})
 
-    # "train": train (QAT when quant asks for it); "ptq": quantize the float
-    # model of `init_from` after training, without training.
-    config.mode = "train"
     # Workdir of a finished float run whose exported params initialise the model.
     config.init_from = ""
 
-    # Quantization; weight_bits = 0 / act_bits = 0 keep weights / activations float.
-    config.quant = ml_collections.ConfigDict(
-        {
-            "weight_bits": 0,
-            "weight_regex": ".*kernel",  # over param paths
-            "per_channel": True,
-            "calibration": "absmax",  # absmax | minmax | percentile,<p> | mse
-            "weight_mode": "calibrated",  # calibrated | lsq
-            "act_bits": 0,
-            "act_regex": ".*",  # over module paths (inputs of Dense/Conv/Einsum)
-            "act_signed": True,
-            "act_mode": "dynamic",  # dynamic | static | lsq | pact
-            "act_calibration": "minmax",  # minmax | ema | percentile,<p>
-            "calibration_batches": 4,
-            # Module-path regex of layers kept at 8-bit weights and inputs (e.g.
-            # the first and last layer, as is usual below 4 bits); "" for none.
-            "edge_layers": "",
-            # lambda of PACT's L2 penalty lambda * sum alpha^2 on the clipping
-            # values (act_mode "pact"), as in Choi et al. 2018.
-            "pact_alpha_decay": DEFAULT_PACT_ALPHA_DECAY,
-            # Initial LSQ steps: "calibration" (the calibrated scales, so QAT
-            # starts from the PTQ model with no weight clipped) or "paper"
-            # (2 <|v|> / sqrt(Q_P), Esser et al. 2020).
-            "lsq_init": "calibration",
-        }
-    )
-
-    # Pruning during training; structure "none" disables it. The optax pruning
-    # transform runs after the optimizer, so pruned weights stay exactly zero.
-    config.prune = ml_collections.ConfigDict(
-        {
-            "structure": "none",  # none | unstructured | channel | n:m
-            "sparsity": 0.5,  # final sparsity (unstructured / channel)
-            "n": 2,  # n:m: keep n of every m along the input axis
-            "m": 4,
-            "regex": ".*kernel",  # over param paths
-            "scope": "layer",  # layer | global (unstructured)
-            "importance": "magnitude",  # magnitude | taylor
-            "schedule": "polynomial",  # one_shot | polynomial
-            "begin": 0,
-            "end": 200,  # polynomial: sparsity reaches its final value here
-            "frequency": 20,
-        }
-    )
-
-    config.optimizer = ml_collections.ConfigDict(
-        {
-            "name": "adamw",  # adamw | adam | sgd
-            "learning_rate": 3e-3,
-            "weight_decay": 1e-4,
-            "momentum": 0.9,  # sgd only
-            "warmup_steps": 20,
-            "schedule": "cosine",  # cosine | constant
-            "grad_clip_norm": 0.0,  # 0 disables clipping
-        }
-    )
+    config.quant = _quant_section()
+    config.prune = _prune_section()
+    config.optimizer = _optimizer_section()
     # Devices: a ("data", "model") mesh; the batch is split over "data", the
     # state replicated except leaves matched by param_rules, a list of
     # (regex over state paths, partition spec tuple), e.g.
@@ -141,12 +98,83 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def build_model(section: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def _quant_section() -> ml_collections.ConfigDict:
+    """Quantization; weight_bits = 0 / act_bits = 0 keep weights / activations float."""
+    return ml_collections.ConfigDict(
+        {
+            "weight_bits": 0,
+            "weight_regex": ".*kernel",  # over param paths
+            "per_channel": True,
+            "calibration": "absmax",  # absmax | minmax | percentile,<p> | mse
+            "weight_mode": "calibrated",  # calibrated | lsq
+            "act_bits": 0,
+            "act_regex": ".*",  # over module paths (inputs of Dense/Conv/Einsum)
+            "act_signed": True,
+            "act_mode": "dynamic",  # dynamic | static | lsq | pact
+            "act_calibration": "minmax",  # minmax | ema | percentile,<p>
+            "calibration_batches": 4,
+            # Module-path regex of layers kept at 8-bit weights and inputs (e.g.
+            # the first and last layer, as is usual below 4 bits); "" for none.
+            "edge_layers": "",
+            # lambda of PACT's L2 penalty lambda * sum alpha^2 on the clipping
+            # values (act_mode "pact"), as in Choi et al. 2018.
+            "pact_alpha_decay": DEFAULT_PACT_ALPHA_DECAY,
+            # Initial LSQ steps: "calibration" (the calibrated scales, so QAT
+            # starts from the PTQ model with no weight clipped) or "paper"
+            # (2 <|v|> / sqrt(Q_P), Esser et al. 2020).
+            "lsq_init": "calibration",
+        }
+    )
+
+
+def _prune_section() -> ml_collections.ConfigDict:
+    """Pruning during training; structure "none" disables it.
+
+    The optax pruning transform runs after the optimizer, so pruned weights
+    stay exactly zero.
+    """
+    return ml_collections.ConfigDict(
+        {
+            "structure": "none",  # none | unstructured | channel | n:m
+            "sparsity": 0.5,  # final sparsity (unstructured / channel)
+            "n": 2,  # n:m: keep n of every m along the input axis
+            "m": 4,
+            "regex": ".*kernel",  # over param paths
+            "scope": "layer",  # layer | global (unstructured)
+            "importance": "magnitude",  # magnitude | taylor
+            "schedule": "polynomial",  # one_shot | polynomial
+            "begin": 0,
+            "end": 200,  # polynomial: sparsity reaches its final value here
+            "frequency": 20,
+        }
+    )
+
+
+def _optimizer_section() -> ml_collections.ConfigDict:
+    """The optimizer and its learning-rate schedule (see `kdq.train.optim`)."""
+    return ml_collections.ConfigDict(
+        {
+            "name": "adamw",  # adamw | adam | sgd
+            "learning_rate": 3e-3,
+            # Peak learning rate of the learned quantizer state (LSQ steps,
+            # PACT clips), under the same warmup and schedule; 0 gives it
+            # learning_rate, like the params.
+            "quant_learning_rate": 0.0,
+            "weight_decay": 1e-4,
+            "momentum": 0.9,  # sgd only
+            "warmup_steps": 20,
+            "schedule": "cosine",  # cosine | constant
+            "grad_clip_norm": 0.0,  # 0 disables clipping
+        }
+    )
+
+
+def build_model(section: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:
     """The model a config section ({"name", "options", "dtype"}) describes.
 
     Args:
       section: `config.model` or `config.teacher`.
-      num_classes: number of output logits.
+      num_outputs: number of output logits (the model's `num_classes`).
 
     Returns:
       The unbound Linen model.
@@ -154,7 +182,16 @@ def build_model(section: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     options = section.options.to_dict()
     if section.dtype:
         options["dtype"] = section.dtype
-    return create_model(section.name, num_classes=num_classes, **options)
+    return create_model(section.name, num_classes=num_outputs, **options)
+
+
+@contextlib.contextmanager
+def _building(section: str) -> Iterator[None]:
+    """Prefixes a ValueError raised while building `config.<section>` with that section."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"config.{section}: {e}") from None
 
 
 def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
@@ -165,55 +202,79 @@ def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
 
     Returns:
       The `QuantRecipe`.
+
+    Raises:
+      ValueError: "config.quant: ..." when the section makes no valid recipe
+        (e.g. an unknown calibration method).
     """
     quant = config.quant
     weight_rules, act_rules = [], []
     axes = (-1,) if quant.per_channel else ()
-    if quant.weight_bits:
-        if quant.edge_layers:
-            edge_spec = QuantSpec(bits=8, axes=axes, calibration=quant.calibration)
-            weight_rules.append((f"({quant.edge_layers})/kernel", edge_spec))
-        spec = QuantSpec(bits=quant.weight_bits, axes=axes, calibration=quant.calibration)
-        weight_rules.append((quant.weight_regex, spec))
-    if quant.act_bits:
-        if quant.edge_layers:
-            act_rules.append((quant.edge_layers, QuantSpec(bits=8, signed=quant.act_signed)))
-        act_rules.append((quant.act_regex, QuantSpec(bits=quant.act_bits, signed=quant.act_signed)))
-    return QuantRecipe(
-        weight_rules=weight_rules,
-        act_rules=act_rules,
-        weight_mode=quant.weight_mode,
-        act_mode=quant.act_mode,
-        pact_alpha_decay=quant.pact_alpha_decay,
-    )
+    with _building("quant"):
+        if quant.weight_bits:
+            if quant.edge_layers:
+                edge_spec = QuantSpec(bits=8, axes=axes, calibration=quant.calibration)
+                weight_rules.append((f"({quant.edge_layers})/kernel", edge_spec))
+            spec = QuantSpec(bits=quant.weight_bits, axes=axes, calibration=quant.calibration)
+            weight_rules.append((quant.weight_regex, spec))
+        if quant.act_bits:
+            if quant.edge_layers:
+                act_rules.append((quant.edge_layers, QuantSpec(bits=8, signed=quant.act_signed)))
+            act_spec = QuantSpec(bits=quant.act_bits, signed=quant.act_signed)
+            act_rules.append((quant.act_regex, act_spec))
+        return QuantRecipe(
+            weight_rules=weight_rules,
+            act_rules=act_rules,
+            weight_mode=quant.weight_mode,
+            act_mode=quant.act_mode,
+            pact_alpha_decay=quant.pact_alpha_decay,
+        )
 
 
-def prune_setup(config: ml_collections.ConfigDict):
-    """(schedule, rules, scope) of the pruning a config asks for, or None."""
+def _sparsity_schedule(prune: ml_collections.ConfigDict) -> SparsitySchedule:
+    """The schedule of "unstructured" / "channel" pruning: one-shot or polynomial."""
+    if prune.schedule == "one_shot":
+        return one_shot_schedule(prune.sparsity, begin=prune.begin)
+    if prune.schedule == "polynomial":
+        return polynomial_schedule(
+            initial=0.0,
+            final=prune.sparsity,
+            begin=prune.begin,
+            end=prune.end,
+            frequency=prune.frequency,
+        )
+    raise ValueError(f"schedule must be 'one_shot' or 'polynomial', got {prune.schedule!r}")
+
+
+def pruning(config: ml_collections.ConfigDict) -> Pruning | None:
+    """The pruning a config asks for, or None when config.prune.structure is "none".
+
+    "unstructured" and "channel" pruning reach config.prune.sparsity on the
+    one-shot or polynomial schedule; "n:m" applies its fixed pattern (sparsity
+    1 - n/m) at every step from config.prune.begin on. The one rule selects
+    "params/(<config.prune.regex>)" of the trainable tree, so only the
+    model's params are pruned, never the quantizer or loss state.
+
+    Args:
+      config: a run config (its `prune` section).
+
+    Returns:
+      The `kdq.prune.Pruning`, or None.
+
+    Raises:
+      ValueError: "config.prune: ..." when the section makes no valid pruning.
+    """
     prune = config.prune
     if prune.structure == "none":
         return None
-    if prune.structure == "n:m":
-        spec = PruneSpec(structure="n:m", n=prune.n, m=prune.m, importance=prune.importance)
-        schedule = one_shot_schedule(0.0, begin=prune.begin)
-    else:
-        spec = PruneSpec(structure=prune.structure, importance=prune.importance)
-        if prune.schedule == "one_shot":
-            schedule = one_shot_schedule(prune.sparsity, begin=prune.begin)
-        elif prune.schedule == "polynomial":
-            schedule = polynomial_schedule(
-                initial=0.0,
-                final=prune.sparsity,
-                begin=prune.begin,
-                end=prune.end,
-                frequency=prune.frequency,
-            )
+    with _building("prune"):
+        if prune.structure == "n:m":
+            spec = PruneSpec(structure="n:m", n=prune.n, m=prune.m, importance=prune.importance)
+            schedule = one_shot_schedule(0.0, begin=prune.begin)
         else:
-            raise ValueError(
-                f"config.prune.schedule must be 'one_shot' or 'polynomial', got {prune.schedule!r}"
-            )
-    # The optimizer sees {"params", "quant", "distill"}: prune only the params.
-    return schedule, [(f"params/({prune.regex})", spec)], prune.scope
+            spec = PruneSpec(structure=prune.structure, importance=prune.importance)
+            schedule = _sparsity_schedule(prune)
+        return Pruning(schedule, ((f"params/({prune.regex})", spec),), prune.scope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,14 +337,18 @@ _STEP = Field("int", low=0)
 _FLAG = Field("bool")
 _TEXT = Field("str")
 
-# Every field of the top-level, quant, prune, optimizer, augment and sharding
-# sections; the model, teacher and losses sections are checked by the model
-# registry and the objective, which know each model's and loss's options.
+# Every field of the schema but the free-form ones below: its name, kind and
+# range.
 FIELDS: dict[str, Field] = {
     "seed": Field("int", low=0),
     "dataset": _TEXT,
     "data_dir": _TEXT,
-    "mode": Field("choice", choices=("train", "ptq")),
+    "task": Field("choice", choices=TASK_NAMES),
+    "model.name": _TEXT,
+    "model.dtype": _TEXT,
+    "teacher.name": _TEXT,
+    "teacher.dtype": _TEXT,
+    "teacher.workdir": _TEXT,
     "init_from": _TEXT,
     "distributed": _FLAG,
     "batch_size": _COUNT,
@@ -328,12 +393,20 @@ FIELDS: dict[str, Field] = {
     "prune.frequency": _COUNT,
     "optimizer.name": Field("choice", choices=("adamw", "adam", "sgd")),
     "optimizer.learning_rate": Field("float", low=0, low_open=True),
+    "optimizer.quant_learning_rate": Field(
+        "float", low=0, note="0 gives the quantizer state optimizer.learning_rate"
+    ),
     "optimizer.weight_decay": Field("float", low=0),
     "optimizer.momentum": Field("float", low=0, high=1, high_open=True, note="sgd only"),
     "optimizer.warmup_steps": _STEP,
     "optimizer.schedule": Field("choice", choices=("cosine", "constant")),
     "optimizer.grad_clip_norm": Field("float", low=0, note="0 disables clipping"),
 }
+
+# The free-form fields: any content, checked where it is used (the model
+# registry knows each model's options, the objective each loss's, the mesh the
+# partition rules).
+FREE_FORM = ("model.options", "teacher.options", "losses", "sharding.param_rules")
 
 
 def field_value(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -353,6 +426,58 @@ def field_value(config: ml_collections.ConfigDict, path: str) -> Any:
     return value
 
 
+def _schema_names(prefix: str) -> list[str]:
+    """The field and section names the schema has directly under `prefix` ("" or "quant.")."""
+    paths = (*FIELDS, *FREE_FORM)
+    return sorted({p[len(prefix) :].split(".")[0] for p in paths if p.startswith(prefix)})
+
+
+def _unknown_field(path: str, known: list[str], prefix: str) -> ValueError:
+    """The error for `config.<path>`, which the schema does not have, with the closest names."""
+    name = path[len(prefix) :]
+    close = [prefix + match for match in difflib.get_close_matches(name, known)]
+    if not close:
+        tails: dict[str, list[str]] = {}
+        for field in FIELDS:
+            tails.setdefault(field.rsplit(".", 1)[-1], []).append(field)
+        close = [field for tail in difflib.get_close_matches(name, tails) for field in tails[tail]]
+    hint = f"did you mean {' or '.join(f'config.{p}' for p in close)}? " if close else ""
+    where = f"config.{prefix[:-1]}" if prefix else "the config"
+    return ValueError(
+        f"config.{path} is not a field of {where}: {hint}its fields are {known} "
+        "(see kdq.train.config.FIELDS)"
+    )
+
+
+def _check_known_fields(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Refuses a field the schema does not have, at the top level and in every section."""
+    known = _schema_names(prefix)
+    for name in config:
+        path = prefix + name
+        if name not in known:
+            raise _unknown_field(path, known, prefix)
+        if path in FIELDS or path in FREE_FORM:
+            continue
+        section = config[name]
+        if not isinstance(section, ml_collections.ConfigDict | dict):
+            raise ValueError(
+                f"config.{path} must be a section with fields {_schema_names(path + '.')}, "
+                f"got {section!r}"
+            )
+        _check_known_fields(section, path + ".")
+
+
+def _check_no_mode(config: ml_collections.ConfigDict) -> None:
+    """Refuses `config.mode`: training has no modes and PTQ has its own entry point."""
+    if "mode" in config:
+        raise ValueError(
+            f"config.mode={config['mode']!r} is not a field: training needs no mode (it "
+            "quantizes as config.quant says, QAT included), and post-training quantization "
+            "is its own entry point: python -m experiments.ptq --config=... or "
+            "kdq.train.quantize_and_evaluate(config, workdir). Remove config.mode"
+        )
+
+
 def _spec_calibration(text: str) -> str | None:
     """The method name of a `QuantSpec.calibration` string, or None when it is not one."""
     try:
@@ -361,21 +486,8 @@ def _spec_calibration(text: str) -> str | None:
         return None
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every value a run depends on, before anything is built or compiled.
-
-    Each field of `FIELDS` must be of its kind and within its range (numbers
-    finite: NaN and inf are refused everywhere); then the fields that
-    depend on each other, the quantization recipe and the pruning setup are
-    checked.
-
-    Raises:
-      ValueError: naming the field (`config.<path>`), its value and what it accepts.
-    """
-    for path, field in FIELDS.items():
-        value = field_value(config, path)
-        if not field.accepts(value):
-            raise ValueError(f"config.{path} must be {field.describe()}, got {value!r}")
+def _check_dependent_fields(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields whose valid values depend on other fields."""
     opt = config.optimizer
     if opt.name == "adam" and opt.weight_decay:
         raise ValueError(
@@ -388,8 +500,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.optimizer.warmup_steps must be in [0, num_steps={config.num_steps}), "
             f"got {opt.warmup_steps!r}"
         )
-    if config.mode == "ptq" and not config.init_from:
-        raise ValueError("config.mode='ptq' quantizes a trained model: set config.init_from")
     prune = config.prune
     if prune.structure == "n:m" and prune.n > prune.m:
         raise ValueError(
@@ -414,11 +524,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "config.quant.act_calibration must be 'minmax', 'ema' or 'percentile,<p>' "
             f"with 0 < p <= 100, got {act_calibration!r}"
         )
-    for section, build in (("quant", quant_recipe), ("prune", prune_setup)):
-        try:
-            build(config)
-        except ValueError as e:
-            raise ValueError(f"config.{section}: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every field a run depends on, before anything is built or compiled.
+
+    The config must have exactly the schema's fields (`FIELDS` and the
+    free-form `FREE_FORM`; a misspelled field is refused with the closest
+    names, and so is `mode`: PTQ is its own entry point). Each field of
+    `FIELDS` must be of its kind and within its range (numbers finite: NaN
+    and inf are refused everywhere); then the fields that depend on each other
+    are checked. Nothing is built: the builders (`quant_recipe`, `pruning`,
+    `build_model`, `kdq.train.optim.make_optimizer`) check what only building
+    shows, with the section in their errors.
+
+    Args:
+      config: a run config.
+
+    Raises:
+      ValueError: naming the field (`config.<path>`), its value and what it accepts.
+    """
+    _check_no_mode(config)
+    _check_known_fields(config)
+    for path, field in FIELDS.items():
+        value = field_value(config, path)
+        if not field.accepts(value):
+            raise ValueError(f"config.{path} must be {field.describe()}, got {value!r}")
+    _check_dependent_fields(config)
 
 
 def check_edge_layers(config: ml_collections.ConfigDict, params: Any) -> None:
@@ -429,7 +561,8 @@ def check_edge_layers(config: ml_collections.ConfigDict, params: Any) -> None:
       params: the student's params (arrays or ShapeDtypeStructs).
 
     Raises:
-      ValueError: the regex matches no layer with a kernel; lists the layers.
+      ValueError: the regex matches no layer with a kernel (lists the
+        layers), or it is not a valid regex.
     """
     edge = config.quant.edge_layers
     if not edge or not (config.quant.weight_bits or config.quant.act_bits):
@@ -437,7 +570,8 @@ def check_edge_layers(config: ml_collections.ConfigDict, params: Any) -> None:
     layers = sorted(
         path.removesuffix("/kernel") for path in tree_paths(params) if path.endswith("/kernel")
     )
-    if not any(re.fullmatch(edge, layer) for layer in layers):
+    rules = PathRules([(edge, True)], bool, name="config.quant.edge_layers")
+    if all(rules.lookup(layer)[0] is None for layer in layers):
         raise ValueError(
             f"config.quant.edge_layers={edge!r} matches no layer of model "
             f"{config.model.name!r} (a regex over module paths, matched in full); its layers "

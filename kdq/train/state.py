@@ -12,6 +12,12 @@ import jax
 import optax
 from flax import struct
 
+# The trainable subtrees, named once: the student's params, the learned
+# quantizer state and the loss terms' parameters. The optimizer
+# (`kdq.train.optim`) gives each its learning rate and weight decay, and
+# pruning rules match paths under "params/".
+TRAINABLE = ("params", "quant", "distill")
+
 
 @struct.dataclass
 class TrainState:
@@ -46,12 +52,10 @@ class TrainState:
 
     @property
     def trainable(self) -> dict[str, Any]:
-        """The pytree the optimizer updates."""
-        return {
-            "params": self.params,
-            "quant": self.quant_params,
-            "distill": self.distill_params,
-        }
+        """The pytree the optimizer updates, keyed by `TRAINABLE`."""
+        return dict(
+            zip(TRAINABLE, (self.params, self.quant_params, self.distill_params), strict=True)
+        )
 
     @classmethod
     def create(
@@ -86,10 +90,11 @@ class TrainState:
         tx = optax.with_extra_args_support(tx)
         updates, opt_state = tx.update(grads, self.opt_state, self.trainable, grads=grads)
         new = optax.apply_updates(self.trainable, updates)
+        params, quant_params, distill_params = (new[name] for name in TRAINABLE)
         return self.replace(
             step=self.step + 1,
-            params=new["params"],
-            quant_params=new["quant"],
-            distill_params=new["distill"],
+            params=params,
+            quant_params=quant_params,
+            distill_params=distill_params,
             opt_state=opt_state,
         )

@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 from kdq.data import (
     CatalogEntry,
     DatasetNotPreparedError,
+    ImageFeatures,
     TfdsSource,
     eval_batches,
     load_dataset,
@@ -100,9 +101,9 @@ def test_mocked_catalog_dataset_loads(name, image_shape, num_classes, tmp_path, 
         assert dataset.name == name
         # mock_data ignores split slicing: every split holds num_examples.
         assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (6, 6, 6)
-        assert dataset.image_shape == image_shape
+        assert dataset.features.shape == image_shape
         assert dataset.num_classes == num_classes
-        assert dataset.pixel_scale == 255
+        assert dataset.features.pixel_scale == 255
         for i in range(6):
             example = dataset.validation[i]
             assert set(example) == {"image", "label"}
@@ -130,7 +131,7 @@ def test_mocked_cifar10_feeds_both_pipelines(tmp_path, no_download):
 def test_mocked_imagenet_is_resized_to_a_fixed_shape(tmp_path, no_download):
     with tfds.testing.mock_data(num_examples=2):
         dataset = load_dataset("imagenet2012", data_dir=str(tmp_path))
-        assert dataset.image_shape == (224, 224, 3)
+        assert dataset.features.shape == (224, 224, 3)
         assert dataset.num_classes == 1000
         assert dataset.test[1]["image"].shape == (224, 224, 3)
 
@@ -140,7 +141,8 @@ def test_prepared_tfds_dataset_is_read_from_array_record_files(tiny_data_dir, no
     # 10 % of train: round(0.9 * 6) = 5 examples train, 1 validates.
     dataset = load_dataset("kdq_tiny_images", data_dir=str(tiny_data_dir))
     assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (5, 1, 4)
-    assert (dataset.image_shape, dataset.num_classes, dataset.pixel_scale) == ((4, 5, 3), 3, 255)
+    features = dataset.features
+    assert (features.shape, dataset.num_classes, features.pixel_scale) == ((4, 5, 3), 3, 255)
     assert stored(dataset.test) == written("validation", 4)
     train, validation = stored(dataset.train), stored(dataset.validation)
     assert sorted(train + validation) == written("train", 6)
@@ -192,7 +194,8 @@ def test_out_of_range_tfds_label_reaches_the_caller(num_threads):
     records = [{"image": tiny_image("train", i), "label": np.int64(i)} for i in range(4)]
     source = TfdsSource(records, num_classes=3, split="tiny train")
     with pytest.raises(ValueError, match=r"tiny train example 3 has label 3, outside \[0, 3\)"):
-        list(eval_batches(source, batch_size=2, pixel_scale=255.0, num_threads=num_threads))
+        features = ImageFeatures((4, 5, 3), 255.0)
+        list(eval_batches(source, batch_size=2, features=features, num_threads=num_threads))
 
 
 def test_dataset_prepared_without_random_access_gets_the_rebuild_command(

@@ -60,8 +60,8 @@ def test_metadata_and_split_sizes(digits):
     assert digits.name == "digits"
     assert (len(digits.train), len(digits.validation), len(digits.test)) == (1149, 288, 360)
     assert digits.num_classes == 10
-    assert digits.image_shape == (8, 8, 1)
-    assert digits.pixel_scale == 16
+    assert digits.features.shape == (8, 8, 1)
+    assert digits.features.pixel_scale == 16
     example = digits.train[0]
     assert set(example) == {"image", "label"}
     assert example["image"].shape == (8, 8, 1)

@@ -16,9 +16,9 @@ def test_round_trip_returns_the_given_rows():
     dataset = from_arrays(train, test, num_classes=7, name="mine")
     assert dataset.name == "mine"
     assert (len(dataset.train), len(dataset.test)) == (11, 4)
-    assert dataset.image_shape == (5, 4, 3)
+    assert dataset.features.shape == (5, 4, 3)
     assert dataset.num_classes == 7
-    assert dataset.pixel_scale == 255
+    assert dataset.features.pixel_scale == 255
     for source, (images, labels) in ((dataset.train, train), (dataset.test, test)):
         for i in range(len(labels)):
             example = source[i]
@@ -58,15 +58,15 @@ def test_num_classes_is_inferred_from_every_split():
 def test_grayscale_images_get_a_channel_axis_and_classes_are_inferred():
     images = np.arange(3 * 2 * 2, dtype=np.float32).reshape(3, 2, 2) / 11
     dataset = from_arrays((images, np.array([0, 4, 1])), (images[:1], np.array([2])))
-    assert dataset.image_shape == (2, 2, 1)
+    assert dataset.features.shape == (2, 2, 1)
     assert dataset.num_classes == 5
-    assert dataset.pixel_scale == 1.0
+    assert dataset.features.pixel_scale == 1.0
     np.testing.assert_array_equal(dataset.train[2]["image"][..., 0], images[2])
 
 
 def test_explicit_pixel_scale_is_kept():
     dataset = from_arrays(_split(2, dtype=np.int32), _split(2, dtype=np.int32), pixel_scale=4095)
-    assert dataset.pixel_scale == 4095.0
+    assert dataset.features.pixel_scale == 4095.0
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 from kdq.data import (
     Augment,
     ExampleSource,
+    ImageFeatures,
     eval_batches,
     from_arrays,
     pad_and_crop,
@@ -113,7 +114,9 @@ class CountingSource:
 def test_resuming_far_ahead_reads_only_what_it_yields():
     counting = CountingSource(indexed_dataset(1000).train)
     start = time.perf_counter()
-    stream = train_batches(counting, batch_size=4, seed=0, start_step=10**12, pixel_scale=255)
+    stream = train_batches(
+        counting, batch_size=4, seed=0, start_step=10**12, features=ImageFeatures((3, 4, 1), 255)
+    )
     batch = next(stream)
     assert time.perf_counter() - start < 5
     assert batch["label"].shape == (4,)
@@ -127,13 +130,14 @@ def test_batch_size_larger_than_split_raises():
         train_batches(indexed_dataset(50), batch_size=0, seed=0)
 
 
-def test_bare_source_needs_a_pixel_scale():
+def test_bare_source_needs_features():
     source = indexed_dataset(20).train
-    with pytest.raises(ValueError, match="pixel_scale"):
+    with pytest.raises(ValueError, match="features is required"):
         train_batches(source, batch_size=4, seed=0)
-    with pytest.raises(ValueError, match="pixel_scale"):
+    with pytest.raises(ValueError, match="features is required"):
         eval_batches(source, batch_size=4)
-    batch = next(train_batches(source, batch_size=4, seed=0, pixel_scale=2.0))
+    features = ImageFeatures((3, 4, 1), pixel_scale=2.0)
+    batch = next(train_batches(source, batch_size=4, seed=0, features=features))
     images, _ = indexed(20)
     np.testing.assert_array_equal(
         batch["image"], images[batch["label"]].astype(np.float32) / np.float32(2)
@@ -192,3 +196,59 @@ def test_eval_batches_of_digits_cover_the_test_split(digits):
     labels = np.concatenate([b["label"][b["mask"]] for b in batches])
     expected = [digits.test[i]["label"] for i in range(len(digits.test))]
     assert labels.tolist() == expected
+
+
+def grain_generator(seed: int, position: int) -> np.random.Generator:
+    """The generator grain's random_map hands the example at ``position``: Philox keyed by
+    ``seed``, its counter set to (0, 0, 0, position)."""
+    generator = np.random.Generator(np.random.Philox(seed))
+    state = generator.bit_generator.state
+    state["state"]["counter"] = np.array([0, 0, 0, position], dtype=np.uint64)
+    generator.bit_generator.state = state
+    return generator
+
+
+def test_augmented_digits_batches_equal_the_documented_computation(digits):
+    # Epochs keep 1149 // 32 * 32 = 1120 examples (35 batches): steps 33..36 span two.
+    seed, batch_size, start_step, num_batches = 3, 32, 33, 4
+    stream = train_batches(
+        digits,
+        batch_size=batch_size,
+        seed=seed,
+        start_step=start_step,
+        augment=Augment(crop_padding=1, horizontal_flip=True),
+    )
+    batches = take(stream, num_batches)
+    n = len(digits.train)
+    for step, batch in enumerate(batches, start=start_step):
+        assert set(batch) == {"image", "label"}
+        for row in range(batch_size):
+            position = step * batch_size + row
+            epoch, offset = divmod(position, 1120)
+            index = np.random.default_rng([seed, epoch]).permutation(n)[offset]
+            raw = np.asarray(digits.train[int(index)]["image"])
+            generator = grain_generator(seed, position)
+            top, left = generator.integers(0, 3, size=2)
+            image = np.pad(raw, ((1, 1), (1, 1), (0, 0)))[top : top + 8, left : left + 8]
+            if generator.random() < 0.5:
+                image = image[:, ::-1]
+            expected = image.astype(np.float32) / np.float32(16)
+            assert batch["label"][row] == digits.train[int(index)]["label"]
+            assert batch["image"][row].tobytes() == expected.tobytes()
+    labels = np.concatenate([b["label"] for b in batches])
+    assert labels.dtype == np.int32
+
+
+def test_digits_eval_pass_equals_the_documented_computation(digits):
+    batches = list(eval_batches(digits, batch_size=128))
+    raw = np.stack([digits.test[i]["image"] for i in range(360)])
+    labels = np.array([digits.test[i]["label"] for i in range(360)], np.int32)
+    padded = np.zeros((384, 8, 8, 1), np.float32)
+    padded[:360] = raw.astype(np.float32) / np.float32(16)
+    expected_labels = np.concatenate([labels, np.zeros(24, np.int32)])
+    for i, batch in enumerate(batches):
+        rows = slice(128 * i, 128 * (i + 1))
+        assert batch["image"].tobytes() == padded[rows].tobytes()
+        assert batch["label"].tobytes() == expected_labels[rows].tobytes()
+        np.testing.assert_array_equal(batch["mask"], np.arange(384)[rows] < 360)
+    assert len(batches) == 3

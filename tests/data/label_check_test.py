@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from kdq.data import ArraySource, check_label, eval_batches, from_arrays, train_batches
+from kdq.data import (
+    ArraySource,
+    ImageFeatures,
+    check_label,
+    eval_batches,
+    from_arrays,
+    train_batches,
+)
+
+FEATURES = ImageFeatures((2, 2, 1), pixel_scale=1.0)
 
 
 class ListSource:
@@ -29,7 +38,7 @@ def examples_with(label, index: int = 5, n: int = 8, image=None):
 
 
 def read_all(pipeline: str, source, num_threads: int, **options):
-    options = {"pixel_scale": 1.0, "num_threads": num_threads, **options}
+    options = {"features": FEATURES, "num_threads": num_threads, **options}
     if pipeline == "train":
         # One epoch of 8 visits every example.
         return next(train_batches(source, batch_size=8, seed=0, **options))
@@ -78,7 +87,7 @@ def test_source_num_classes_is_used_and_split_named():
     with pytest.raises(ValueError, match=r"mine example 5 has label 4, outside \[0, 3\)"):
         read_all("eval", source, num_threads=4)
     with pytest.raises(ValueError, match="num_classes=5 but the mine split has 3 classes"):
-        eval_batches(source, batch_size=3, pixel_scale=1.0, num_classes=5)
+        eval_batches(source, batch_size=3, features=FEATURES, num_classes=5)
 
 
 def test_dataset_num_classes_bounds_every_split_and_bad_num_classes_raise():
@@ -87,7 +96,7 @@ def test_dataset_num_classes_bounds_every_split_and_bad_num_classes_raise():
     assert [b["label"].tolist() for b in eval_batches(dataset, batch_size=4)] == [[0, 1, 2, 3]]
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="num_classes must be a positive integer"):
-            eval_batches(dataset.test, batch_size=4, pixel_scale=1.0, num_classes=bad)
+            eval_batches(dataset.test, batch_size=4, features=FEATURES, num_classes=bad)
 
 
 def test_valid_labels_pass_through_unchanged():

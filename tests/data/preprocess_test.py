@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import math
 
@@ -7,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from kdq.data import (
     Augment,
+    ImageFeatures,
     RandomAugment,
     default_augment,
     eval_batches,
@@ -60,20 +62,20 @@ def box_constraints_hold(top, left, box_height, box_width, height, width):
 def test_catalog_datasets_carry_their_standard_statistics(name, tmp_path):
     with tfds.testing.mock_data(num_examples=2):
         dataset = load_dataset(name, data_dir=str(tmp_path), image_size=8)
-    assert (dataset.mean, dataset.std) == STANDARD_STATISTICS[name]
+    assert (dataset.features.mean, dataset.features.std) == STANDARD_STATISTICS[name]
 
 
 def test_digits_and_arrays_have_no_statistics_unless_given(digits):
-    assert digits.mean is None and digits.std is None
+    assert digits.features.mean is None and digits.features.std is None
     plain = from_arrays((random_images(2), np.zeros(2, int)), (random_images(2), np.zeros(2, int)))
-    assert plain.mean is None and plain.std is None
+    assert plain.features.mean is None and plain.features.std is None
     given = from_arrays(
         (random_images(2), np.zeros(2, int)),
         (random_images(2), np.zeros(2, int)),
         mean=np.array(MEAN),
         std=list(STD),
     )
-    assert (given.mean, given.std) == (MEAN, STD)
+    assert (given.features.mean, given.features.std) == (MEAN, STD)
 
 
 def test_normalised_batches_match_numpy():
@@ -81,22 +83,25 @@ def test_normalised_batches_match_numpy():
     dataset = from_arrays(
         (train_images, np.arange(12)), (test_images, np.arange(5)), mean=MEAN, std=STD
     )
-    batch = next(train_batches(dataset, batch_size=4, seed=0, mean=dataset.mean, std=dataset.std))
+    features = dataset.features.normalized()
+    batch = next(train_batches(dataset, batch_size=4, seed=0, features=features))
     expected = standardised(train_images[batch["label"]], MEAN, STD)
     assert batch["image"].dtype == np.float32
     np.testing.assert_allclose(batch["image"], expected, rtol=1e-5, atol=1e-5)
-    (evaluated,) = eval_batches(dataset.test, batch_size=5, pixel_scale=255, mean=MEAN, std=STD)
+    bare = ImageFeatures((6, 5, 3), 255, mean=MEAN, std=STD, normalize=True)
+    (evaluated,) = eval_batches(dataset.test, batch_size=5, features=bare)
     np.testing.assert_allclose(
         evaluated["image"], standardised(test_images, MEAN, STD), rtol=1e-5, atol=1e-5
     )
 
 
-def test_normalisation_is_off_unless_statistics_are_passed():
+def test_normalisation_is_off_unless_the_features_are_normalized():
     images = random_images(8)
     dataset = from_arrays((images, np.arange(8)), (images, np.arange(8)), mean=MEAN, std=STD)
+    assert not dataset.features.normalize
     batch = next(train_batches(dataset, batch_size=8, seed=0))
     np.testing.assert_array_equal(batch["image"], images[batch["label"]] / np.float32(255))
-    (evaluated,) = eval_batches(dataset, batch_size=8, mean=None, std=None)
+    (evaluated,) = eval_batches(dataset, batch_size=8, features=dataset.features)
     np.testing.assert_array_equal(evaluated["image"], images / np.float32(255))
 
 
@@ -114,9 +119,9 @@ def test_invalid_statistics_raise(mean, std, match):
     images = random_images(4)
     dataset = from_arrays((images, np.arange(4)), (images, np.arange(4)))
     with pytest.raises(ValueError, match=match):
-        train_batches(dataset, batch_size=2, seed=0, mean=mean, std=std)
+        dataclasses.replace(dataset.features, mean=mean, std=std)
     with pytest.raises(ValueError, match=match):
-        eval_batches(dataset.test, batch_size=2, pixel_scale=255, mean=mean, std=std)
+        ImageFeatures((6, 5, 3), 255, mean=mean, std=std)
     with pytest.raises(ValueError, match=match):
         from_arrays((images, np.arange(4)), (images, np.arange(4)), mean=mean, std=std)
 
@@ -291,13 +296,14 @@ class ResizedSource:
 def test_inception_crop_reads_raw_images_and_crops_to_the_source_size():
     source = ResizedSource(12)
     augment = Augment(inception_crop=True)
-    batch = next(train_batches(source, batch_size=12, seed=0, augment=augment, pixel_scale=255))
+    features = ImageFeatures((8, 8, 3), 255)
+    batch = next(train_batches(source, batch_size=12, seed=0, augment=augment, features=features))
     assert batch["image"].shape == (12, 8, 8, 3)
     expected = np.broadcast_to(
         (10 * batch["label"] / np.float32(255))[:, None, None, None], (12, 8, 8, 3)
     )
     np.testing.assert_allclose(batch["image"], expected, rtol=1e-6)
-    (evaluated,) = eval_batches(source, batch_size=12, pixel_scale=255)
+    (evaluated,) = eval_batches(source, batch_size=12, features=features)
     assert not evaluated["image"].any()
 
 
@@ -313,12 +319,12 @@ def test_mocked_cifar10_default_augmentation_gives_normalised_crops(tmp_path):
             batch_size=8,
             seed=0,
             augment=default_augment("cifar10"),
-            mean=dataset.mean,
-            std=dataset.std,
+            features=dataset.features.normalized(),
         )
         batch = next(batches)
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
-    pixels = np.round((batch["image"] * np.array(dataset.std) + np.array(dataset.mean)) * 255)
+    mean, std = np.array(dataset.features.mean), np.array(dataset.features.std)
+    pixels = np.round((batch["image"] * std + mean) * 255)
     candidates = [
         crop
         for image in raw
@@ -333,33 +339,39 @@ def test_mocked_cifar10_default_augmentation_gives_normalised_crops(tmp_path):
 def test_mocked_imagenet_at_a_small_size_feeds_both_pipelines(tmp_path):
     with tfds.testing.mock_data(num_examples=6):
         dataset = load_dataset("imagenet2012", data_dir=str(tmp_path), image_size=32)
-        assert dataset.image_shape == (32, 32, 3)
+        assert dataset.features.shape == (32, 32, 3)
         raw_shapes = {dataset.train.raw[i]["image"].shape for i in range(6)}
         assert raw_shapes != {(32, 32, 3)}
         raw_test = [dataset.test.raw[i]["image"] for i in range(6)]
-        stats = {"mean": dataset.mean, "std": dataset.std}
+        features = dataset.features.normalized()
         batch = next(
             train_batches(
-                dataset, batch_size=4, seed=0, augment=default_augment("imagenet2012"), **stats
+                dataset,
+                batch_size=4,
+                seed=0,
+                augment=default_augment("imagenet2012"),
+                features=features,
             )
         )
-        evaluated = list(eval_batches(dataset, batch_size=4, **stats))
+        evaluated = list(eval_batches(dataset, batch_size=4, features=features))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
     assert len(evaluated) == 2
     for b in evaluated:
         assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.float32
     images = np.concatenate([b["image"] for b in evaluated])[:6]
     expected = np.stack([resize_and_center_crop(image, 32) for image in raw_test])
-    np.testing.assert_allclose(images, standardised(expected, dataset.mean, dataset.std), atol=1e-5)
+    np.testing.assert_allclose(
+        images, standardised(expected, features.mean, features.std), atol=1e-5
+    )
 
 
 def test_image_size_resizes_other_datasets_only_when_given(tmp_path, digits_data_dir):
     with tfds.testing.mock_data(num_examples=2):
-        assert load_dataset("cifar10", data_dir=str(tmp_path)).image_shape == (32, 32, 3)
+        assert load_dataset("cifar10", data_dir=str(tmp_path)).features.shape == (32, 32, 3)
         small = load_dataset("cifar10", data_dir=str(tmp_path), image_size=16)
-        assert small.image_shape == (16, 16, 3)
+        assert small.features.shape == (16, 16, 3)
         assert small.train[0]["image"].shape == (16, 16, 3)
     digits = load_dataset("digits", data_dir=digits_data_dir, image_size=12)
-    assert digits.image_shape == (12, 12, 1) and digits.test[0]["image"].shape == (12, 12, 1)
+    assert digits.features.shape == (12, 12, 1) and digits.test[0]["image"].shape == (12, 12, 1)
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("digits", data_dir=digits_data_dir, image_size=0)

@@ -693,3 +693,100 @@ def test_concrete_arrays_closed_over_by_jit_are_checked_at_trace_time():
     poisoned = teacher.at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match=r"teacher_logits holds NaN or inf"):
         jax.jit(lambda s: losses.kd_loss(s, poisoned))(_L)
+
+
+# ---------------------------------------------------------------------------------------
+# Logit losses over any leading shape: one value per token of (B, T, C) logits.
+# ---------------------------------------------------------------------------------------
+
+_TOKEN_LABELS = np.array([[3, 0, 4], [1, 1, 2]], dtype=np.int32)
+_TOKEN_WHERE = np.array([[True, False, True], [True, True, False]])
+
+# name -> (loss(s, t, labels, where), numpy reference on (N, C) rows).
+TOKEN_CASES = {
+    "kd": (
+        lambda s, t, y, where: losses.kd_loss(s, t, temperature=2.0, where=where),
+        lambda s, t, y: ref_kd(s, t, 2.0),
+    ),
+    "kd_standardized": (
+        lambda s, t, y, where: losses.kd_loss(s, t, temperature=2.0, standardize=True, where=where),
+        lambda s, t, y: ref_kd(s, t, 2.0, standardize=True),
+    ),
+    "dkd": (
+        lambda s, t, y, where: losses.dkd_loss(s, t, y, alpha=2.0, beta=3.0, where=where),
+        lambda s, t, y: ref_dkd(s, t, y, 2.0, 3.0, 4.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_CASES))
+def test_per_token_logit_losses_match_reference_and_flattened_rows(name):
+    fn, ref = TOKEN_CASES[name]
+    s, t = randn(30, 2, 3, 5, scale=3.0), randn(31, 2, 3, 5, scale=3.0)
+    per_token = np.asarray(fn(s, t, _TOKEN_LABELS, _TOKEN_WHERE))
+    assert per_token.shape == (2, 3) and per_token.dtype == np.float32
+    rows = _TOKEN_WHERE.reshape(-1)
+    flat = fn(s.reshape(6, 5), t.reshape(6, 5), _TOKEN_LABELS.reshape(6), rows)
+    np.testing.assert_allclose(per_token.reshape(6), flat, rtol=1e-6, atol=0)
+    expected = np.zeros(6)
+    expected[rows] = ref(
+        s.reshape(6, 5)[rows], t.reshape(6, 5)[rows], _TOKEN_LABELS.reshape(6)[rows]
+    )
+    assert_close(per_token, expected.reshape(2, 3))
+    # Without a mask every token counts.
+    all_rows = ref(s.reshape(6, 5), t.reshape(6, 5), _TOKEN_LABELS.reshape(6)).reshape(2, 3)
+    assert_close(fn(s, t, _TOKEN_LABELS, None), all_rows)
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_CASES))
+def test_masked_tokens_with_extreme_logits_change_nothing(name):
+    fn, _ = TOKEN_CASES[name]
+    s, t = randn(32, 2, 3, 5, scale=3.0), randn(33, 2, 3, 5, scale=3.0)
+    wild_s, wild_t, wild_y = s.copy(), t.copy(), _TOKEN_LABELS.copy()
+    wild_s[~_TOKEN_WHERE] = np.float32(3e38) * np.sign(randn(34, 2, 5))
+    wild_t[~_TOKEN_WHERE] = -np.float32(3e38)
+    wild_y[~_TOKEN_WHERE] = 99  # out of range, as padding labels may be
+
+    def total(s, t, y):
+        return jnp.sum(fn(s, t, y, _TOKEN_WHERE)), fn(s, t, y, _TOKEN_WHERE)
+
+    grad = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))
+    (g_s, g_t), loss = grad(s, t, _TOKEN_LABELS)
+    (wild_g_s, wild_g_t), wild_loss = grad(wild_s, wild_t, wild_y)
+    np.testing.assert_array_equal(wild_loss, loss)
+    np.testing.assert_array_equal(wild_g_s, g_s)
+    np.testing.assert_array_equal(wild_g_t, g_t)
+    np.testing.assert_array_equal(np.asarray(loss)[~_TOKEN_WHERE], 0.0)
+    np.testing.assert_array_equal(np.asarray(g_s)[~_TOKEN_WHERE], 0.0)
+    assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t))
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_CASES))
+@pytest.mark.parametrize("bad", ["student", "teacher"])
+def test_concrete_non_finite_token_raises_unless_masked(name, bad):
+    fn, _ = TOKEN_CASES[name]
+    s, t = randn(35, 2, 3, 5), randn(36, 2, 3, 5)
+    poisoned = (s if bad == "student" else t).copy()
+    poisoned[1, 2, 4] = np.inf
+    poisoned[0, 1, 0] = np.nan
+    args = (poisoned, t) if bad == "student" else (s, poisoned)
+    pattern = (
+        rf"{bad}_logits holds NaN or inf in 2 of the 6 entries of leading shape \(2, 3\) "
+        r"\(indices \[\[0, 1\], \[1, 2\]\]\)"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        fn(*args, _TOKEN_LABELS, None)
+    with pytest.raises(ValueError, match=rf"{bad}_logits holds NaN or inf in 1 of the 6 entries"):
+        fn(*args, _TOKEN_LABELS, np.array([[True, False, True], [True, True, True]]))
+    masked = np.asarray(fn(*args, _TOKEN_LABELS, _TOKEN_WHERE))
+    assert np.all(np.isfinite(masked)) and np.all(masked[~_TOKEN_WHERE] == 0.0)
+
+
+def test_per_token_shapes_are_checked():
+    s = randn(37, 2, 3, 5)
+    with pytest.raises(ValueError, match=r"where must be a boolean array of shape \(2, 3\)"):
+        losses.kd_loss(s, s, where=np.ones(2, dtype=bool))
+    with pytest.raises(ValueError, match=r"labels must be an integer array of shape \(2, 3\)"):
+        losses.dkd_loss(s, s, _TOKEN_LABELS[:, 0])
+    with pytest.raises(ValueError, match=r"teacher_logits must have the same shape"):
+        losses.kd_loss(s, s.reshape(6, 5))

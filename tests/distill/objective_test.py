@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kdq.distill import losses
 from kdq.distill.objective import Objective
 
 
@@ -155,4 +156,72 @@ def test_teacher_logits_must_match_the_student(batch):
     with pytest.raises(ValueError, match=r"teacher logits of shape \(6, 4\) do not match"):
         objective(
             {}, student_logits=batch["s"], teacher_logits=batch["t"][:, :4], labels=batch["labels"]
+        )
+
+
+def test_per_token_logits_average_over_valid_tokens_and_features_over_valid_examples():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(3, 4, 5)).astype(np.float32) * 2
+    t = rng.normal(size=(3, 4, 5)).astype(np.float32) * 2
+    labels = rng.integers(0, 5, size=(3, 4))
+    where = np.array([[True, False, True, True], [False] * 4, [False, True, False, False]])
+    s_feat = rng.normal(size=(3, 6)).astype(np.float32)
+    t_feat = rng.normal(size=(3, 2)).astype(np.float32)
+    objective = Objective.from_config(
+        {
+            "ce": {"weight": 0.5},
+            "kd": {"weight": 0.25, "temperature": 2.0},
+            "dkd": {"weight": 0.125},
+            "hint": {"kind": "fitnets", "weight": 2.0, "student": "s", "teacher": "t"},
+        }
+    )
+    params = objective.init_params(jax.random.PRNGKey(0), {"s": s_feat}, {"t": t_feat})
+    loss, metrics = jax.jit(
+        lambda p, s, t, y, w: objective(
+            p,
+            student_logits=s,
+            teacher_logits=t,
+            labels=y,
+            where=w,
+            student_features={"s": s_feat},
+            teacher_features={"t": t_feat},
+        )
+    )(params, s, t, labels, where)
+    rows = where.reshape(-1)
+    flat_s, flat_t, flat_y = s.reshape(12, 5)[rows], t.reshape(12, 5)[rows], labels.reshape(12)
+    ce = _numpy_ce(flat_s, flat_y[rows]).mean()
+    kd = _numpy_kd(flat_s, flat_t, 2.0).mean()
+    dkd = np.asarray(losses.dkd_loss(flat_s, flat_t, flat_y[rows])).mean()
+    # Example 1 has no valid token: the per-example hint loss averages examples 0 and 2.
+    kernel, bias = np.asarray(params["hint"]["kernel"]), np.asarray(params["hint"]["bias"])
+    hint = ((s_feat[[0, 2]] @ kernel + bias - t_feat[[0, 2]]) ** 2).mean()
+    np.testing.assert_allclose(metrics["loss/ce"], ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/kd"], kd, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/dkd"], dkd, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/hint"], hint, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.5 * ce + 0.25 * kd + 0.125 * dkd + 2.0 * hint, rtol=1e-5)
+
+
+def test_per_token_logits_without_where_count_every_token():
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(2, 3))
+    objective = Objective.from_config({"ce": {"weight": 1.0}})
+    loss, _ = objective({}, student_logits=s, teacher_logits=None, labels=labels)
+    np.testing.assert_allclose(
+        loss, _numpy_ce(s.reshape(6, 4), labels.reshape(6)).mean(), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "where", [np.ones(2, bool), np.ones((2, 3), np.int32), np.ones((3, 2), bool)]
+)
+def test_where_must_be_a_boolean_mask_of_the_labels_shape(where):
+    objective = Objective.from_config({"ce": {"weight": 1.0}})
+    s = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(
+        ValueError, match=r"where must be a boolean mask of the labels' shape \(2, 3\)"
+    ):
+        objective(
+            {}, student_logits=s, teacher_logits=None, labels=np.zeros((2, 3), int), where=where
         )

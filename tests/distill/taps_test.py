@@ -70,5 +70,13 @@ def test_tap_matching_several_modules_is_an_error(net):
 
 def test_invalid_tap_regex(net):
     model, variables, x = net
-    with pytest.raises(ValueError, match=r"feature tap '\(' is not a valid regex"):
-        apply_with_taps(model, variables, x, taps=["("])
+    with pytest.raises(ValueError, match=r"taps\[1\] regex '\(' is invalid"):
+        apply_with_taps(model, variables, x, taps=["head", "("])
+
+
+def test_taps_matching_the_same_submodule_each_capture_it(net):
+    model, variables, x = net
+    _, features, _ = apply_with_taps(model, variables, x, taps=["head", "h.*d", "block"])
+    assert sorted(features) == ["block", "h.*d", "head"]
+    np.testing.assert_array_equal(features["head"], model.apply(variables, x))
+    np.testing.assert_array_equal(features["h.*d"], features["head"])

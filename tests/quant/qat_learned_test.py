@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from kdq.models import create_model
-from kdq.quant import QuantSpec, init_quant_params
-from kdq.quant.qat import pact_alpha_penalty
+from kdq.quant import QuantSpec, init_quant_params, quantizer_penalties
 from kdq.quant.recipe import DEFAULT_PACT_ALPHA_DECAY, QuantRecipe
 
 
@@ -58,11 +57,15 @@ def test_pact_penalty_is_lambda_sum_alpha_squared(mlp):
     )
     state = init_quant_params(model, variables, recipe, [x])
     alphas = [np.exp(float(state["activations"][p]["log_alpha"])) for p in ("Dense_0", "Dense_1")]
+    penalties = quantizer_penalties(state, recipe)
+    assert list(penalties) == ["pact_alpha_decay"]
     np.testing.assert_allclose(
-        float(pact_alpha_penalty(state, recipe)), 0.5 * sum(a * a for a in alphas), rtol=1e-5
+        float(penalties["pact_alpha_decay"]), 0.5 * sum(a * a for a in alphas), rtol=1e-5
     )
     lsq = QuantRecipe(act_rules=recipe.act_rules, act_mode="lsq")
-    assert float(pact_alpha_penalty(state, lsq)) == 0.0
+    assert quantizer_penalties(state, lsq) == {}
+    no_decay = QuantRecipe(act_rules=recipe.act_rules, act_mode="pact", pact_alpha_decay=0.0)
+    assert quantizer_penalties(state, no_decay) == {}
 
 
 def test_recipe_pact_alpha_decay_and_stochastic_learned_modes_are_checked():

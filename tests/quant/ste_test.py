@@ -14,13 +14,16 @@ from kdq.quant import (
     QuantSpec,
     clipped_straight_through,
     fake_quant,
+    learned_alpha,
+    learned_scale,
+    learned_state,
+    learned_step,
     lsq_fake_quant,
     lsq_grad_scale,
     pact_fake_quant,
     round_ste,
     straight_through,
 )
-from kdq.quant.ste import learned_alpha, learned_scale, learned_state, learned_step
 
 from . import reference as ref
 
@@ -352,7 +355,7 @@ def test_learned_steps_are_positive_by_construction_and_gradients_follow_the_cha
     alpha = np.array([[0.7, 1.3, 2.0, 3.1]], np.float32)
     pact_state = learned_state(alpha / 15, spec, "pact")
     np.testing.assert_allclose(np.exp(pact_state["log_alpha"]), alpha, rtol=1e-6)
-    np.testing.assert_allclose(learned_scale(pact_state, spec), alpha / 15, rtol=1e-6)
+    np.testing.assert_allclose(learned_scale(pact_state, spec, "pact"), alpha / 15, rtol=1e-6)
     xp = (rng.uniform(-1, 5, size=(16, 4)) * alpha).astype(np.float32)
 
     def pact(u):

@@ -4,10 +4,12 @@ import pkgutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 import experiments.configs
 from kdq.models import create_model
+from kdq.prune import PruneSpec, Pruning, one_shot_schedule, polynomial_schedule
 from kdq.train import config as config_lib
 from kdq.train import default_config
 
@@ -54,7 +56,10 @@ BAD_VALUES = [
     ("augment.crop_padding", -1),
     ("sharding.model_parallel", 0),
     ("batch_size", 0),
-    ("mode", "finetune"),
+    ("task", "segmentation"),
+    ("teacher.workdir", None),
+    ("optimizer.quant_learning_rate", -1e-3),
+    ("optimizer.quant_learning_rate", math.nan),
 ]
 
 
@@ -74,15 +79,87 @@ def test_messages_say_what_is_accepted():
     assert describe["optimizer.learning_rate"] == "a finite number > 0"
     assert describe["optimizer.momentum"] == "a finite number in [0, 1) (sgd only)"
     assert describe["optimizer.grad_clip_norm"] == "a finite number >= 0 (0 disables clipping)"
-    assert describe["mode"] == "one of ['train', 'ptq']"
+    assert describe["task"] == "one of ['classification']"
+    assert describe["optimizer.quant_learning_rate"] == (
+        "a finite number >= 0 (0 gives the quantizer state optimizer.learning_rate)"
+    )
+
+
+def _leaf_paths(config, prefix=""):
+    for name, value in config.items():
+        path = prefix + name
+        if path in config_lib.FREE_FORM or not hasattr(value, "items"):
+            yield path
+        else:
+            yield from _leaf_paths(value, path + ".")
 
 
 def test_every_field_of_the_default_config_is_described():
+    paths = set(_leaf_paths(default_config()))
+    assert paths - set(config_lib.FREE_FORM) == set(config_lib.FIELDS)
+    assert set(config_lib.FREE_FORM) <= paths
+
+
+def test_the_defaults():
     config = default_config()
-    sections = ("quant", "prune", "optimizer", "augment", "sharding")
-    top = {k for k, v in config.items() if not hasattr(v, "items")}
-    nested = {f"{s}.{k}" for s in sections for k in config[s]}
-    assert top | nested - {"sharding.param_rules"} == set(config_lib.FIELDS)
+    assert "mode" not in config
+    assert config.task == "classification"
+    assert config.optimizer.quant_learning_rate == 0.0
+
+
+@pytest.mark.parametrize("mode", ["train", "ptq"])
+def test_mode_is_refused_pointing_to_the_ptq_entry_point(mode):
+    config = default_config()
+    config.mode = mode
+    with pytest.raises(
+        ValueError,
+        match=rf"^config.mode='{mode}' is not a field: training needs no mode .*"
+        r"python -m experiments.ptq --config=\.\.\. or "
+        r"kdq.train.quantize_and_evaluate\(config, workdir\)",
+    ):
+        config_lib.validate(config)
+
+
+# (field the config should not have, the names the error suggests)
+UNKNOWN_FIELDS = [
+    ("quant.weight_bit", "config.quant.weight_bits or config.quant.weight_mode"),
+    ("optimizer.quant_lr", None),
+    ("weight_bits", "config.quant.weight_bits"),
+    ("model.option", "config.model.options"),
+    ("teacher.workdirs", "config.teacher.workdir"),
+    ("prune.sparsty", "config.prune.sparsity"),
+    ("augment.flip", None),
+    ("seeds", "config.seed"),
+]
+
+
+@pytest.mark.parametrize(("path", "suggestion"), UNKNOWN_FIELDS, ids=lambda v: str(v))
+def test_unknown_field_is_refused_naming_the_closest(path, suggestion):
+    config = default_config()
+    _set(config, path, 1)
+    section = path.rpartition(".")[0]
+    where = f"config.{section}" if section else "the config"
+    hint = rf"did you mean {suggestion}\b.*\? " if suggestion else ""
+    with pytest.raises(
+        ValueError, match=rf"^config\.{path} is not a field of {where}: {hint}its fields are \["
+    ):
+        config_lib.validate(config)
+
+
+def test_free_form_sections_take_any_field():
+    config = default_config()
+    config.model.options = {"hidden": (8,), "anything": 1}
+    config.teacher.options = {"widen": 2}
+    config.losses = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5, "temperature": 4.0}}
+    config.sharding.param_rules = [("params/.*/kernel", (None, "model"))]
+    config_lib.validate(config)
+
+
+def test_a_section_replaced_by_a_value_is_refused():
+    config = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    config.prune = 0.5
+    with pytest.raises(ValueError, match=r"^config.prune must be a section with fields \['begin'"):
+        config_lib.validate(config)
 
 
 def test_bools_are_not_numbers_and_ints_are_numbers():
@@ -134,10 +211,55 @@ def test_dependent_fields():
     config.quant.lsq_init = "zeros"
     with pytest.raises(ValueError, match=r"config.quant.lsq_init must be one of"):
         config_lib.validate(config)
+
+
+def test_validate_builds_nothing_and_the_builders_name_their_section():
     config = default_config()
     config.quant.weight_bits, config.quant.calibration = 4, "median"
+    config_lib.validate(config)
     with pytest.raises(ValueError, match=r"^config.quant: calibration must be one of"):
-        config_lib.validate(config)
+        config_lib.quant_recipe(config)
+    config = default_config()
+    config.prune.structure, config.prune.regex = "unstructured", "conv(("
+    config_lib.validate(config)
+    with pytest.raises(ValueError, match=r"^config.prune: rules\[0\] regex 'params/\(conv\(\(\)'"):
+        config_lib.pruning(config)
+    config = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    config.prune.structure, config.prune.schedule = "channel", "cosine"
+    with pytest.raises(ValueError, match=r"^config.prune: schedule must be 'one_shot' or 'poly"):
+        config_lib.pruning(config)
+
+
+def test_pruning_of_each_structure():
+    config = default_config()
+    assert config_lib.pruning(config) is None
+    config.prune.structure, config.prune.sparsity, config.prune.scope = (
+        "unstructured",
+        0.75,
+        "global",
+    )
+    config.prune.begin, config.prune.end, config.prune.frequency = 10, 110, 20
+    pruning = config_lib.pruning(config)
+    assert isinstance(pruning, Pruning)
+    assert pruning.schedule == polynomial_schedule(
+        initial=0.0, final=0.75, begin=10, end=110, frequency=20
+    )
+    assert pruning.rules == (("params/(.*kernel)", PruneSpec(structure="unstructured")),)
+    assert pruning.scope == "global"
+    config.prune.structure, config.prune.schedule, config.prune.importance = (
+        "channel",
+        "one_shot",
+        "taylor",
+    )
+    pruning = config_lib.pruning(config)
+    assert pruning.schedule == one_shot_schedule(0.75, begin=10)
+    assert pruning.rules[0][1] == PruneSpec(structure="channel", importance="taylor")
+    config.prune.structure, config.prune.n, config.prune.m, config.prune.regex = "n:m", 1, 4, "D.*"
+    pruning = config_lib.pruning(config)
+    assert pruning.schedule == one_shot_schedule(0.0, begin=10)
+    assert pruning.rules == (
+        ("params/(D.*)", PruneSpec(structure="n:m", n=1, m=4, importance="taylor")),
+    )
 
 
 def _config_modules():
@@ -166,3 +288,12 @@ def test_edge_layers_matching_no_layer_lists_the_layers():
         config_lib.check_edge_layers(config, _params())
     config.quant.edge_layers = "Dense_0|Dense_9"
     config_lib.check_edge_layers(config, _params())
+
+
+def test_edge_layers_must_be_a_regex():
+    config = default_config()
+    config.quant.act_bits, config.quant.edge_layers = 8, "Dense_(0"
+    with pytest.raises(
+        ValueError, match=r"config.quant.edge_layers\[0\] regex 'Dense_\(0' is invalid"
+    ):
+        config_lib.check_edge_layers(config, _params())

@@ -14,6 +14,7 @@ from kdq.checkpoint import StateCheckpoints, load_float_variables
 from kdq.data import eval_batches, load_dataset
 from kdq.models import create_model
 from kdq.train import NonFiniteLossError, train_and_evaluate
+from kdq.train import evaluation as evaluation_lib
 from kdq.train import loop as loop_lib
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def _tiny(steps=5, **changes):
     return config
 
 
-class _RecordingBar(loop_lib.tqdm.tqdm):
+class _RecordingBar(evaluation_lib.tqdm.tqdm):
     """tqdm, remembering every description it showed."""
 
     made = []
@@ -53,7 +54,7 @@ def finished(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("finished") / "run7")
     _RecordingBar.made = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop_lib.tqdm, "tqdm", _RecordingBar)
+        patch.setattr(evaluation_lib.tqdm, "tqdm", _RecordingBar)
         report = train_and_evaluate(_tiny(), workdir)
     return workdir, report, list(_RecordingBar.made)
 
@@ -190,9 +191,9 @@ def test_one_bar_per_run_names_its_stage(finished):
     ]
 
 
-def _accuracy(model, variables, source, dataset):
+def _accuracy(model, variables, split, dataset):
     correct = count = 0
-    for batch in eval_batches(source, batch_size=128, pixel_scale=dataset.pixel_scale):
+    for batch in eval_batches(dataset, batch_size=128, split=split):
         logits = np.asarray(model.apply(variables, batch["image"]))
         mask = np.asarray(batch["mask"])
         correct += int(np.sum((logits.argmax(-1) == np.asarray(batch["label"])) & mask))
@@ -208,8 +209,8 @@ def test_float_report_fields(finished):
     model = create_model("mlp", num_classes=10, hidden=(32,))
     template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
     variables = load_float_variables(workdir, template)
-    assert report["val_accuracy"] == _accuracy(model, variables, dataset.validation, dataset)
-    assert report["test_accuracy"] == _accuracy(model, variables, dataset.test, dataset)
+    assert report["val_accuracy"] == _accuracy(model, variables, "validation", dataset)
+    assert report["test_accuracy"] == _accuracy(model, variables, "test", dataset)
     # float32 weights and biases: 4 bytes per parameter, nothing else.
     assert report["payload_bytes"] == 4 * (8 * 8 * 32 + 32 + 32 * 10 + 10) == 4 * report["params"]
     assert report["disk_bytes"] > 0

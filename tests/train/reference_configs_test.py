@@ -41,7 +41,7 @@ from experiments.configs import (
 from kdq.checkpoint import StateCheckpoints
 from kdq.models import MODELS, MobileNetV3Large
 from kdq.train import config as config_lib
-from kdq.train import train_and_evaluate
+from kdq.train import quantize_and_evaluate, train_and_evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -226,7 +226,7 @@ def test_imagenet_mobilenet_v3_int8_ptq(float_run, tmp_path):
     float_dir, float_report = float_run("imagenet2012,mobilenet_v3_large")
     config = _small(imagenet_mobilenet_v3_int8.get_config("mobilenet_v3_large,ptq"))
     config.init_from = float_dir
-    report = train_and_evaluate(config, str(tmp_path))
+    report = quantize_and_evaluate(config, str(tmp_path))
     _check_report(report, tmp_path, steps=0)
     _check_int8(report, float_report)
     assert report["params"] == float_report["params"]

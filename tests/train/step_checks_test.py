@@ -10,9 +10,8 @@ import pytest
 
 from kdq.distill.objective import Objective
 from kdq.models import create_model
-from kdq.quant import QuantSpec, init_quant_params
+from kdq.quant import QuantSpec, init_quant_params, learned_state
 from kdq.quant.recipe import QuantRecipe
-from kdq.quant.ste import learned_state
 from kdq.train import TrainState, make_eval_step, make_train_step
 
 IMAGE_SHAPE = (4, 4, 1)

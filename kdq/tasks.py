@@ -1,0 +1,168 @@
+"""Tasks: the one part of training that knows what a batch holds.
+
+The train step composes a task, a student (and optionally a teacher), an
+objective and a quantization / pruning recipe. The task alone reads the
+batch:
+
+    x = task.inputs(batch)                  # what the model is called on
+    targets = task.targets(batch)           # labels + where (valid entries)
+    logits = model.apply(variables, x)
+    loss, _ = objective(..., labels=targets.labels, where=targets.where)
+    task.metrics(logits, targets)           # batch means, logged in training
+    task.eval_sums(logits, targets)         # sums over valid entries, added up
+    task.summarize(totals)                  # over a split, then normalised
+
+so a task with per-token targets (labels of shape (B, T)) plugs into the
+same step as one with a label per example. `TASKS` maps `config.task` to
+the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+Batch = Mapping[str, jax.Array]
+
+
+@struct.dataclass
+class Targets:
+    """What the objective and the metrics compare the model's output with.
+
+    Attributes:
+      labels: integer targets, one per prediction: (B,) per example, (B, T)
+        per token.
+      where: bool, the shape of `labels`: which targets count (padding
+        examples of an evaluation batch, padding tokens, are False).
+    """
+
+    labels: jax.Array
+    where: jax.Array
+
+
+class Task(Protocol):
+    """What a batch holds and how predictions are scored (see the module docstring)."""
+
+    name: str
+
+    def num_outputs(self, dataset: Any) -> int:
+        """The size of the model's last axis for `dataset` (classes, vocabulary)."""
+
+    def inputs(self, batch: Batch) -> Any:
+        """What the model is called on."""
+
+    def targets(self, batch: Batch) -> Targets:
+        """The labels and their validity mask."""
+
+    def check_batch(self, batch: Batch) -> None:
+        """ValueError naming the batch entry whose shape or dtype is wrong (trace time)."""
+
+    def check_logits(self, logits: jax.Array, targets: Targets) -> None:
+        """ValueError unless the model's output fits the targets (trace time)."""
+
+    def metrics(self, logits: jax.Array, targets: Targets) -> dict[str, jax.Array]:
+        """Batch-mean metrics logged during training."""
+
+    def eval_sums(self, logits: jax.Array, targets: Targets) -> dict[str, jax.Array]:
+        """Sums over the valid targets, added up over the batches of a split."""
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """The split's metrics from the summed `eval_sums`."""
+
+
+def _shape(batch: Batch, key: str) -> tuple[int, ...]:
+    if key not in batch:
+        raise ValueError(f"the batch has no {key!r} entry; its entries are {sorted(batch)}")
+    return jnp.shape(batch[key])
+
+
+@struct.dataclass
+class Classification:
+    """One integer class per example: batch["image"] (B, ...) -> logits (B, num_classes).
+
+    Metrics: top-1 accuracy and the mean cross-entropy
+    -1/N sum_b log softmax(z_b)[y_b] over the N valid examples (batch["mask"],
+    all when absent).
+    """
+
+    name: str = struct.field(pytree_node=False, default="classification")
+
+    def num_outputs(self, dataset: Any) -> int:
+        if not dataset.num_classes:
+            raise ValueError(
+                f"classification needs the dataset's number of classes; dataset "
+                f"{dataset.name!r} has num_classes={dataset.num_classes!r}"
+            )
+        return dataset.num_classes
+
+    def inputs(self, batch: Batch) -> jax.Array:
+        return batch["image"]
+
+    def targets(self, batch: Batch) -> Targets:
+        labels = batch["label"]
+        where = batch.get("mask")
+        return Targets(labels, jnp.ones(labels.shape, bool) if where is None else where)
+
+    def check_batch(self, batch: Batch) -> None:
+        images, label_shape = _shape(batch, "image"), _shape(batch, "label")
+        if len(images) < 1:
+            raise ValueError(f"batch['image'] must have a batch axis, got shape {images}")
+        if label_shape != images[:1]:
+            raise ValueError(
+                f"batch['label'] must have shape (B,) = ({images[0]},) for images of shape "
+                f"{images}, got shape {label_shape}: pass one integer class per example "
+                "(e.g. labels.reshape(-1) for (B, 1) labels)"
+            )
+        label_dtype = jnp.result_type(batch["label"])
+        if not jnp.issubdtype(label_dtype, jnp.integer):
+            raise ValueError(
+                f"batch['label'] must hold integer class indices, got dtype {label_dtype}"
+            )
+        if "mask" in batch and jnp.shape(batch["mask"]) != images[:1]:
+            raise ValueError(
+                f"batch['mask'] must have shape ({images[0]},), got shape "
+                f"{jnp.shape(batch['mask'])}"
+            )
+
+    def check_logits(self, logits: jax.Array, targets: Targets) -> None:
+        batch = targets.labels.shape[0]
+        if logits.ndim != 2 or logits.shape[0] != batch:
+            raise ValueError(
+                f"the model must return logits of shape (B, num_classes) = ({batch}, C), "
+                f"got shape {logits.shape}"
+            )
+
+    def metrics(self, logits: jax.Array, targets: Targets) -> dict[str, jax.Array]:
+        return {"accuracy": jnp.mean(jnp.argmax(logits, -1) == targets.labels)}
+
+    def eval_sums(self, logits: jax.Array, targets: Targets) -> dict[str, jax.Array]:
+        labels, where = targets.labels, targets.where
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & where),
+            "count": jnp.sum(where),
+            "loss_sum": jnp.sum(jnp.where(where, loss, 0.0)),
+        }
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        count = max(int(sums["count"]), 1)
+        return {"accuracy": float(sums["correct"]) / count, "loss": float(sums["loss_sum"]) / count}
+
+
+TASKS: dict[str, type] = {"classification": Classification}
+
+
+def get_task(name: str) -> Task:
+    """The task registered as `name` in `TASKS`.
+
+    Raises:
+      ValueError: no task has that name; lists the registered ones.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
+    return TASKS[name]()
