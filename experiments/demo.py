@@ -47,17 +47,18 @@ _RESULTS = flags.DEFINE_string(
     "results", None, "Also write the summary report here (e.g. experiments/results/...json)."
 )
 
-# (row name, config module, entry point): PTQ rows are quantized, not trained.
 RUNS = [
-    ("teacher", digits_teacher, train_and_evaluate),
-    ("student", digits_student, train_and_evaluate),
-    ("student_kd", digits_kd, train_and_evaluate),
-    ("student_w4_kd", digits_qat_kd, train_and_evaluate),
-    ("ptq_w8a8", digits_ptq_w8a8, quantize_and_evaluate),
-    ("qat_w4a4_kd", digits_qat_w4a4_kd, train_and_evaluate),
-    ("qat_w2a2_kd", digits_qat_w2a2_kd, train_and_evaluate),
-    ("pruned_2of4_w4_kd", digits_prune_2of4_w4_kd, train_and_evaluate),
+    ("teacher", digits_teacher),
+    ("student", digits_student),
+    ("student_kd", digits_kd),
+    ("student_w4_kd", digits_qat_kd),
+    ("ptq_w8a8", digits_ptq_w8a8),
+    ("qat_w4a4_kd", digits_qat_w4a4_kd),
+    ("qat_w2a2_kd", digits_qat_w2a2_kd),
+    ("pruned_2of4_w4_kd", digits_prune_2of4_w4_kd),
 ]
+# The entry point of each config's `entry_point`: PTQ rows are quantized, not trained.
+ENTRY_POINTS = {"train": train_and_evaluate, "ptq": quantize_and_evaluate}
 
 
 def quiet_library_logs() -> None:
@@ -73,7 +74,7 @@ def main(argv):
     workdir = os.path.abspath(_WORKDIR.value)
     seeds = [int(s) for s in _SEEDS.value]
     rows, configs = [], {}
-    for name, config_module, entry_point in RUNS:
+    for name, config_module in RUNS:
         reports = []
         for seed in seeds:
             config = config_module.get_config()
@@ -89,7 +90,8 @@ def main(argv):
                 config.teacher.workdir = teacher_workdir
             if config.init_from:
                 config.init_from = teacher_workdir
-            reports.append(entry_point(config, os.path.join(workdir, f"{name}_seed{seed}")))
+            run = ENTRY_POINTS[config.entry_point]
+            reports.append(run(config, os.path.join(workdir, f"{name}_seed{seed}")))
         configs[name] = {
             "config": f"experiments/configs/{config_module.__name__.rsplit('.', 1)[-1]}.py",
             "num_steps": config.num_steps,

@@ -7,8 +7,11 @@ Post-training quantization has its own entry point with the same flags,
 `python -m experiments.ptq` (`kdq.train.quantize_and_evaluate`).
 
 A command-line override that does not fit its field (`--config.quant.weight_bits=4.5`),
-or a config value out of its range, stops the run with one line naming the field,
-what it accepts and what was given, before anything is loaded or compiled.
+a misspelled field, or a config value out of its range, stops the run with one line
+naming the field, what it accepts and what was given, before anything is loaded or
+compiled. What only building shows (a recipe or pruning rule that selects nothing, a
+model option) raises a ValueError naming the config section, before any data is loaded.
+A config written for the other entry point (`config.entry_point`) is refused.
 """
 
 import re

@@ -3,9 +3,10 @@
     python -m experiments.ptq --config=experiments/configs/digits_ptq_w8a8.py \\
         --workdir=runs/ptq_w8a8 --config.init_from=runs/digits_teacher
 
-The same flags as `experiments.main`; nothing is trained: the float model of
-`--config.init_from` is calibrated on a few train batches, evaluated (also on
-the integer path) and exported.
+The same flags as `experiments.main`, for configs with `config.entry_point =
+"ptq"`; nothing is trained: the float model of `--config.init_from` is
+calibrated on a few train batches, evaluated (also on the integer path) and
+exported.
 """
 
 from absl import app

@@ -13,6 +13,7 @@ from experiments.configs import digits_teacher
 
 def get_config():
     config = digits_teacher.get_config()
+    config.entry_point = "ptq"
     config.init_from = "runs/digits_teacher"
     config.quant.weight_bits = 8
     config.quant.act_bits = 8

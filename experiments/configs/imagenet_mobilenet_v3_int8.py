@@ -75,6 +75,7 @@ def get_config(arg: str = "mobilenet_v3_large,ptq"):
     config.quant.act_signed = True
     config.quant.act_calibration = "percentile,99.99"
     if mode == "ptq":
+        config.entry_point = "ptq"
         config.quant.act_mode = "static"
         config.batch_size = 32
         config.quant.calibration_batches = 32

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -26,10 +26,13 @@ from kdq.prune import PruneSpec, Pruning, SparsitySchedule, one_shot_schedule, p
 from kdq.prune.masks import IMPORTANCES, SCOPES, STRUCTURES
 from kdq.quant import QuantSpec
 from kdq.quant.qat import LSQ_INITS
-from kdq.quant.recipe import ACT_MODES, DEFAULT_PACT_ALPHA_DECAY, WEIGHT_MODES, QuantRecipe
+from kdq.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
+from kdq.quant.recipe import DEFAULT_PACT_ALPHA_DECAY, QuantRecipe
 from kdq.rules import PathRules, tree_paths
 from kdq.tasks import TASKS
 
+# The entry points a config is written for (`config.entry_point`).
+ENTRY_POINTS = ("train", "ptq")
 # The names `config.task` accepts: the tasks of `kdq.tasks.TASKS`.
 TASK_NAMES = tuple(TASKS)
 
@@ -63,6 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Workdir of a finished float run whose exported params initialise the model.
     config.init_from = ""
+    # The entry point the config is written for: "train" (train_and_evaluate,
+    # python -m experiments.main) or "ptq" (quantize_and_evaluate, python -m
+    # experiments.ptq: calibrate init_from's model, train nothing). Each entry
+    # point refuses the other's configs and workdirs.
+    config.entry_point = "train"
 
     config.quant = _quant_section()
     config.prune = _prune_section()
@@ -285,7 +293,8 @@ class Field:
       kind: "int", "float" (a finite int or float), "bool", "str" or "choice".
       low, high: inclusive bounds of an "int" or "float" (None: unbounded).
       low_open, high_open: make the bound exclusive.
-      choices: the accepted strings of a "choice".
+      choices: the accepted strings of a "choice" (a live collection, e.g. a
+        registry dict, so names registered later are accepted too).
       note: what the values mean, appended to the description.
     """
 
@@ -294,7 +303,7 @@ class Field:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    choices: tuple[str, ...] = ()
+    choices: Collection[str] = ()
     note: str = ""
 
     def describe(self) -> str:
@@ -344,6 +353,7 @@ FIELDS: dict[str, Field] = {
     "dataset": _TEXT,
     "data_dir": _TEXT,
     "task": Field("choice", choices=TASK_NAMES),
+    "entry_point": Field("choice", choices=ENTRY_POINTS),
     "model.name": _TEXT,
     "model.dtype": _TEXT,
     "teacher.name": _TEXT,
@@ -370,11 +380,11 @@ FIELDS: dict[str, Field] = {
     "quant.weight_regex": _TEXT,
     "quant.per_channel": _FLAG,
     "quant.calibration": _TEXT,
-    "quant.weight_mode": Field("choice", choices=WEIGHT_MODES),
+    "quant.weight_mode": Field("choice", choices=WEIGHT_QUANTIZERS),
     "quant.act_bits": Field("int", low=0, high=16, note="0 keeps activations float"),
     "quant.act_regex": _TEXT,
     "quant.act_signed": _FLAG,
-    "quant.act_mode": Field("choice", choices=ACT_MODES),
+    "quant.act_mode": Field("choice", choices=ACT_QUANTIZERS),
     "quant.act_calibration": _TEXT,
     "quant.calibration_batches": _COUNT,
     "quant.edge_layers": _TEXT,
@@ -473,8 +483,9 @@ def _check_no_mode(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.mode={config['mode']!r} is not a field: training needs no mode (it "
             "quantizes as config.quant says, QAT included), and post-training quantization "
-            "is its own entry point: python -m experiments.ptq --config=... or "
-            "kdq.train.quantize_and_evaluate(config, workdir). Remove config.mode"
+            "is its own entry point: set config.entry_point='ptq' and run python -m "
+            "experiments.ptq --config=... or kdq.train.quantize_and_evaluate(config, "
+            "workdir). Remove config.mode"
         )
 
 
@@ -509,11 +520,11 @@ def _check_dependent_fields(config: ml_collections.ConfigDict) -> None:
     if (
         prune.structure in ("unstructured", "channel")
         and prune.schedule == "polynomial"
-        and (prune.end < prune.begin)
+        and (prune.end <= prune.begin)
     ):
         raise ValueError(
-            f"config.prune.end must be >= config.prune.begin, got begin={prune.begin}, "
-            f"end={prune.end}"
+            f"config.prune.end must be > config.prune.begin (a gradual schedule), got "
+            f"begin={prune.begin}, end={prune.end}; use schedule='one_shot' to prune at once"
         )
     act_calibration = config.quant.act_calibration
     if act_calibration != "ema" and _spec_calibration(act_calibration) not in (

@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kdq import checkpoint
-from kdq.data import Augment, Dataset, default_augment, train_batches
+from kdq.data import Dataset, train_batches
 from kdq.sharding import DATA_AXIS, shard_batch, tree_shardings
 from kdq.train.config import validate
 from kdq.train.evaluation import check_integer_path, finish_run, progress_bar
@@ -46,14 +46,6 @@ class NonFiniteLossError(FloatingPointError):
 
 # Whether every floating-point entry of a tree is finite (one fused reduction).
 _all_finite = jax.jit(all_finite)
-
-
-def _augment(config: ml_collections.ConfigDict, dataset: Dataset) -> Augment:
-    """The dataset's standard training augmentation, or the one the config spells out."""
-    options = config.augment.to_dict()
-    if options.pop("standard"):
-        return default_augment(dataset.name)
-    return Augment(**options)
 
 
 def _last_good(checkpoints: checkpoint.StateCheckpoints) -> str:
@@ -115,7 +107,7 @@ def _train(config, setup: Setup, state, train_step, checkpoints, writer, progres
         batch_size=config.batch_size,
         seed=config.seed,
         start_step=start_step,
-        augment=_augment(config, setup.dataset),
+        augment=setup.augment,
     )
     progress.update(start_step)
     checked_step, pending, window_start = start_step, [], time.perf_counter()
@@ -212,7 +204,7 @@ def train_and_evaluate(
       for its fields.
     """
     validate(config)
-    workdir, current, new_run = check_resumable(config, workdir, "train")
+    workdir, current, new_run = check_resumable(config, workdir, "train", dataset)
     with progress_bar(config, workdir, total=config.num_steps) as progress:
         setup, state, train_step = _prepare(config, dataset)
         if new_run:

@@ -95,7 +95,7 @@ def _optimizer(
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, pruning: Pruning | None = None
+    config: ml_collections.ConfigDict, pruning: Pruning | None
 ) -> optax.GradientTransformation:
     """The optax optimizer of a run: schedule, optimizer, clipping, pruning.
 

@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from kdq.data import Dataset
+from kdq.quant.quantizers import act_quantizer, weight_quantizer
 from kdq.quant.recipe import PTQ_ACT_MODES, PTQ_WEIGHT_MODES
 from kdq.train.config import validate
 from kdq.train.evaluation import check_integer_path, finish_run, progress_bar
@@ -26,7 +27,7 @@ from kdq.train.workdir import check_resumable, write_config
 
 
 def _check_ptq_config(config: ml_collections.ConfigDict) -> None:
-    """ValueError unless the config names a float run and a recipe that needs no training."""
+    """ValueError unless the config names a float run and quantizers that learn nothing."""
     if not config.init_from:
         raise ValueError(
             "post-training quantization quantizes a trained float model: set "
@@ -38,12 +39,20 @@ def _check_ptq_config(config: ml_collections.ConfigDict) -> None:
             "config.quant.weight_bits and config.quant.act_bits are both 0, so there is "
             "nothing to quantize; set either"
         )
-    if quant.weight_mode not in PTQ_WEIGHT_MODES or quant.act_mode not in PTQ_ACT_MODES:
+    learned = [
+        f"{name}={mode!r}"
+        for name, mode, bits, quantizer in (
+            ("weight_mode", quant.weight_mode, quant.weight_bits, weight_quantizer),
+            ("act_mode", quant.act_mode, quant.act_bits, act_quantizer),
+        )
+        if bits and quantizer(mode).learned
+    ]
+    if learned:
         raise ValueError(
-            f"post-training quantization needs config.quant.weight_mode in {PTQ_WEIGHT_MODES} "
-            f"and config.quant.act_mode in {PTQ_ACT_MODES} (learned quantizers need "
-            f"training: use train_and_evaluate), got weight_mode={quant.weight_mode!r}, "
-            f"act_mode={quant.act_mode!r}"
+            f"post-training quantization trains nothing, but config.quant has learned "
+            f"quantizers ({', '.join(learned)}); use quantizers without learned state "
+            f"(weight_mode in {PTQ_WEIGHT_MODES}, act_mode in {PTQ_ACT_MODES}), or train "
+            "them with train_and_evaluate"
         )
 
 
@@ -65,7 +74,7 @@ def quantize_and_evaluate(
     """
     validate(config)
     _check_ptq_config(config)
-    workdir, current, new_run = check_resumable(config, workdir, "ptq")
+    workdir, current, new_run = check_resumable(config, workdir, "ptq", dataset)
     with progress_bar(config, workdir, total=None) as progress:
         setup = build(config, dataset)
         state = create_train_state(config, setup)

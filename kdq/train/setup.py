@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from kdq import checkpoint
-from kdq.data import Dataset, eval_batches, load_dataset
+from kdq.data import Augment, Dataset, ImageFeatures, default_augment, eval_batches, load_dataset
 from kdq.distill.objective import Objective
 from kdq.distill.taps import apply_with_taps
 from kdq.prune import Pruning
@@ -49,6 +49,7 @@ class Setup:
       pruning: how it is pruned, or None.
       tx: the optax optimizer over `TrainState.trainable` (pruning last).
       mesh: the ("data", "model") device mesh.
+      augment: the training augmentation (`config.augment`).
       teacher: the teacher model when the objective distills, else None.
       teacher_variables: its variables, restored from its run's export.
     """
@@ -61,6 +62,7 @@ class Setup:
     pruning: Pruning | None
     tx: optax.GradientTransformation
     mesh: jax.sharding.Mesh
+    augment: Augment = Augment()
     teacher: nn.Module | None = None
     teacher_variables: Any = None
 
@@ -80,17 +82,22 @@ class Setup:
         return self.task.inputs(zeros)
 
 
+def check_dataset(dataset: Any) -> None:
+    """ValueError unless `dataset` is a `kdq.data.Dataset`."""
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"dataset must be a kdq.data.Dataset (e.g. from kdq.data.from_arrays), got "
+            f"{type(dataset).__name__}"
+        )
+
+
 def _dataset(config: ml_collections.ConfigDict, dataset: Dataset | None) -> Dataset:
     """The config's dataset (or the given one), normalised when config.normalize."""
     if dataset is None:
         dataset = load_dataset(
             config.dataset, data_dir=config.data_dir or None, image_size=config.image_size or None
         )
-    elif not isinstance(dataset, Dataset):
-        raise ValueError(
-            f"dataset must be a kdq.data.Dataset (e.g. from kdq.data.from_arrays), got "
-            f"{type(dataset).__name__}"
-        )
+    check_dataset(dataset)
     if config.normalize:
         if not hasattr(dataset.features, "normalized"):
             raise ValueError(
@@ -104,6 +111,18 @@ def _dataset(config: ml_collections.ConfigDict, dataset: Dataset | None) -> Data
             f"split ({len(dataset.train)} examples); lower it"
         )
     return dataset
+
+
+def _augment(config: ml_collections.ConfigDict, dataset: Dataset) -> Augment:
+    """The dataset's standard training augmentation, or the one the config spells out."""
+    options = config.augment.to_dict()
+    augment = default_augment(dataset.name) if options.pop("standard") else Augment(**options)
+    if augment.enabled and not isinstance(dataset.features, ImageFeatures):
+        raise ValueError(
+            f"config.augment asks for {augment}, which transforms images, but dataset "
+            f"{dataset.name!r} has {type(dataset.features).__name__}; turn config.augment off"
+        )
+    return augment
 
 
 def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -141,15 +160,20 @@ def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
 
     Returns:
       The `Setup`; the teacher is loaded when the objective distills.
+
+    The parts that need only the config (recipe, pruning, objective, task,
+    mesh) are built before the data is loaded, so their errors come first.
     """
-    dataset = _dataset(config, dataset)
-    task = get_task(config.task)
-    mesh = _mesh(config)
-    objective = Objective.from_config(config.losses.to_dict())
     recipe = config_lib.quant_recipe(config)
     pruning = config_lib.pruning(config)
+    objective = Objective.from_config(config.losses.to_dict())
+    task = get_task(config.task)
+    mesh = _mesh(config)
+    dataset = _dataset(config, dataset)
     student = config_lib.build_model(config.model, task.num_outputs(dataset))
-    setup = Setup(dataset, task, student, objective, recipe, pruning, None, mesh)
+    setup = Setup(
+        dataset, task, student, objective, recipe, pruning, None, mesh, _augment(config, dataset)
+    )
     abstract = jax.eval_shape(
         student.init, jax.random.PRNGKey(0), setup.example_inputs(config.batch_size)
     )

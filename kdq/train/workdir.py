@@ -5,10 +5,15 @@ from the config, so a config that fails leaves no trace that would refuse
 its corrected version. A run started again in the same workdir must have the
 same config (`progress` aside).
 
+The config names its entry point (`config.entry_point`: "train" for
+`train_and_evaluate`, "ptq" for `quantize_and_evaluate`), so neither entry
+point runs the other's config or overwrites the other's workdir.
+
 Workdirs written before the trainer had tasks (their config.json has a
-`mode` field, no `task` and no `optimizer.quant_learning_rate`) are read
-with those fields upgraded: a "train" run resumes under `train_and_evaluate`,
-a "ptq" run belongs to `quantize_and_evaluate`.
+`mode` field, no `task`, no `entry_point` and no
+`optimizer.quant_learning_rate`) are read with those fields upgraded: `mode`
+becomes `entry_point` (a "train" run resumes under `train_and_evaluate`),
+the others take the values that reproduce what such a run did.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ from typing import Any
 
 import ml_collections
 
+from kdq.train.setup import check_dataset
+
 # Fields added since config.json first had a layout, with the value that
 # reproduces what a run of that layout did.
-_ADDED_FIELDS = {("task",): "classification", ("optimizer", "quant_learning_rate"): 0.0}
+_ADDED_FIELDS = {
+    ("task",): "classification",
+    ("entry_point",): "train",
+    ("optimizer", "quant_learning_rate"): 0.0,
+}
 _ENTRY_POINTS = {
     "train": "kdq.train.train_and_evaluate (python -m experiments.main)",
     "ptq": "kdq.train.quantize_and_evaluate (python -m experiments.ptq)",
@@ -33,18 +44,12 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _upgrade(previous: dict[str, Any], workdir: str, entry: str) -> dict[str, Any]:
+def _upgrade(previous: dict[str, Any]) -> dict[str, Any]:
     """A config.json of an earlier layout in today's layout (see the module docstring)."""
     if "mode" not in previous:
         return previous
     previous = dict(previous)
-    mode = previous.pop("mode")
-    if mode != entry:
-        raise ValueError(
-            f"{workdir} holds a config.mode={mode!r} run, which belongs to "
-            f"{_ENTRY_POINTS.get(mode, 'no entry point of kdq')}, not to {_ENTRY_POINTS[entry]}; "
-            "use that entry point, or a new --workdir"
-        )
+    previous["entry_point"] = previous.pop("mode")
     for path, value in _ADDED_FIELDS.items():
         section = previous
         for part in path[:-1]:
@@ -53,15 +58,14 @@ def _upgrade(previous: dict[str, Any], workdir: str, entry: str) -> dict[str, An
     return previous
 
 
-def previous_config(workdir: str, entry: str) -> dict[str, Any] | None:
+def previous_config(workdir: str) -> dict[str, Any] | None:
     """The config.json of the run in `workdir` (upgraded), or None when there is none yet.
 
     Args:
       workdir: the run directory.
-      entry: "train" or "ptq", the entry point asking.
 
     Raises:
-      ValueError: the file is unreadable, or the run belongs to the other entry point.
+      ValueError: the file is unreadable.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -78,7 +82,7 @@ def previous_config(workdir: str, entry: str) -> dict[str, Any] | None:
             "it was damaged or not written by kdq. Use a new --workdir, or delete "
             f"{workdir} to start over"
         )
-    return _upgrade(previous, workdir, entry)
+    return _upgrade(previous)
 
 
 def check_same_config(workdir: str, previous: dict[str, Any], current: dict[str, Any]) -> None:
@@ -116,23 +120,60 @@ def write_config(workdir: str, current: dict[str, Any]) -> None:
         json.dump(current, f, indent=2, sort_keys=True)
 
 
+def _given_dataset(dataset: Any) -> dict[str, Any]:
+    """What config.json records of a dataset passed instead of `config.dataset`."""
+    check_dataset(dataset)
+    splits = ("train", "validation", "test")
+    return {
+        "name": dataset.name,
+        "num_classes": dataset.num_classes,
+        "features": repr(dataset.features),
+        "examples": {
+            s: None if getattr(dataset, s) is None else len(getattr(dataset, s)) for s in splits
+        },
+    }
+
+
 def check_resumable(
-    config: ml_collections.ConfigDict, workdir: str, entry: str
+    config: ml_collections.ConfigDict, workdir: str, entry: str, dataset: Any = None
 ) -> tuple[str, dict[str, Any], bool]:
     """Checks that `config` may run in `workdir` (new, or the same config) for `entry`.
+
+    A dataset passed instead of `config.dataset` is recorded as the config's
+    "dataset" (its name, classes, features and split sizes), so a run resumed
+    on other data is refused.
 
     Args:
       config: the run's config.
       workdir: the run directory.
       entry: "train" or "ptq", the entry point asking.
+      dataset: the `kdq.data.Dataset` given to the entry point, or None.
 
     Returns:
       (absolute workdir, the config's JSON object for `write_config`, whether
       the workdir holds no run yet).
+
+    Raises:
+      ValueError: the config or the workdir's run belongs to the other entry
+        point, or the workdir's run has another config.
     """
+    if config.entry_point != entry:
+        raise ValueError(
+            f"config.entry_point={config.entry_point!r}: the config is written for "
+            f"{_ENTRY_POINTS[config.entry_point]}, not for {_ENTRY_POINTS[entry]}; run it "
+            "with that entry point"
+        )
     workdir = os.path.abspath(workdir)
     current = config_json(config)
-    previous = previous_config(workdir, entry)
+    if dataset is not None:
+        current["dataset"] = _given_dataset(dataset)
+    previous = previous_config(workdir)
     if previous is not None:
+        theirs = previous.get("entry_point")
+        if theirs != entry:
+            raise ValueError(
+                f"{workdir} holds a run of {_ENTRY_POINTS.get(theirs, repr(theirs))}, not of "
+                f"{_ENTRY_POINTS[entry]}; use that entry point, or a new --workdir"
+            )
         check_same_config(workdir, previous, current)
     return workdir, current, previous is None

@@ -355,7 +355,11 @@ def test_learned_steps_are_positive_by_construction_and_gradients_follow_the_cha
     alpha = np.array([[0.7, 1.3, 2.0, 3.1]], np.float32)
     pact_state = learned_state(alpha / 15, spec, "pact")
     np.testing.assert_allclose(np.exp(pact_state["log_alpha"]), alpha, rtol=1e-6)
-    np.testing.assert_allclose(learned_scale(pact_state, spec, "pact"), alpha / 15, rtol=1e-6)
+    np.testing.assert_allclose(learned_scale(pact_state, spec), alpha / 15, rtol=1e-6)
+    np.testing.assert_allclose(learned_scale(pact_state, spec, mode="pact"), alpha / 15, rtol=1e-6)
+    np.testing.assert_allclose(learned_scale(state, spec), np.exp(state["log_step"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="no learned quantizer's state"):
+        learned_scale({"scale": alpha}, spec)
     xp = (rng.uniform(-1, 5, size=(16, 4)) * alpha).astype(np.float32)
 
     def pact(u):

@@ -196,8 +196,13 @@ def test_dependent_fields():
         config_lib.validate(config)
     config = default_config()
     config.prune.structure, config.prune.begin, config.prune.end = "unstructured", 50, 10
-    with pytest.raises(ValueError, match=r"config.prune.end must be >= config.prune.begin"):
+    with pytest.raises(ValueError, match=r"config.prune.end must be > config.prune.begin"):
         config_lib.validate(config)
+    config.prune.end = 50  # a gradual schedule needs end > begin
+    with pytest.raises(ValueError, match=r"got begin=50, end=50; use schedule='one_shot'"):
+        config_lib.validate(config)
+    config.prune.schedule = "one_shot"
+    config_lib.validate(config)
     config = default_config()
     config.quant.act_calibration = "absmax"
     with pytest.raises(ValueError, match=r"config.quant.act_calibration must be 'minmax', 'ema'"):

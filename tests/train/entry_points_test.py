@@ -1,5 +1,6 @@
 """The run entry points: a user's arrays, post-training quantization, old workdirs, metrics."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -170,8 +171,9 @@ def test_post_training_quantization_is_its_own_entry_point(tmp_path, teacher_wor
     ("change", "message"),
     [
         ({"init_from": ""}, "set config.init_from"),
-        ({"quant.act_mode": "lsq"}, r"act_mode in \('dynamic', 'static'\)"),
-        ({"quant.weight_mode": "lsq"}, r"weight_mode in \('calibrated',\)"),
+        ({"quant.act_mode": "lsq"}, r"learned quantizers \(act_mode='lsq'\)"),
+        ({"quant.weight_mode": "lsq"}, r"learned quantizers \(weight_mode='lsq'\)"),
+        ({"entry_point": "train"}, r"written for kdq\.train\.train_and_evaluate"),
         ({"quant.weight_bits": 0, "quant.act_bits": 0}, "nothing to quantize"),
     ],
 )
@@ -211,8 +213,51 @@ def test_a_workdir_of_the_mode_layout_resumes(arrays_run, tmp_path):
     assert resumed["test_accuracy"] == report["test_accuracy"]
     assert resumed["steps"] == 30
     _old_layout(copy, "ptq")
-    with pytest.raises(ValueError, match=r"config.mode='ptq' run.*quantize_and_evaluate"):
+    with pytest.raises(ValueError, match=r"holds a run of kdq\.train\.quantize_and_evaluate"):
         train_and_evaluate(_tiny(steps=30), copy, dataset=dataset)
+
+
+def test_each_entry_point_refuses_the_others_configs_and_workdirs(arrays_run, tmp_path):
+    dataset, workdir, _ = arrays_run
+    with pytest.raises(ValueError, match=r"entry_point='ptq'.*written for kdq\.train\.quantize"):
+        train_and_evaluate(_ptq_config("runs/none"), str(tmp_path))
+    config = _tiny(steps=30)
+    config.update(entry_point="ptq", init_from=workdir)
+    config.quant.weight_bits = 8
+    with pytest.raises(ValueError, match=r"holds a run of kdq\.train\.train_and_evaluate"):
+        quantize_and_evaluate(config, workdir, dataset=dataset)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_run_is_not_resumed_on_other_arrays(arrays_run, tmp_path):
+    dataset, workdir, _ = arrays_run
+    copy = str(shutil.copytree(workdir, tmp_path / "run"))
+    rng = np.random.default_rng(5)
+    other = from_arrays(_blobs(rng, 200), _blobs(rng, 96), _blobs(rng, 64), name="blobs")
+    with pytest.raises(ValueError, match=r"fields \['dataset'\] differ"):
+        train_and_evaluate(_tiny(steps=30), copy, dataset=other)
+
+
+class _PlainFeatures:
+    """The digits' image features behind an interface that is not `ImageFeatures`."""
+
+    def __init__(self, features):
+        self._features = features
+
+    def __getattr__(self, name):
+        return getattr(self._features, name)
+
+
+def test_augmenting_examples_that_are_not_images_is_refused_before_anything_is_written(
+    arrays_run, tmp_path
+):
+    dataset = arrays_run[0]
+    plain = dataclasses.replace(dataset, features=_PlainFeatures(dataset.features))
+    config = _tiny()
+    config.augment.horizontal_flip = True
+    with pytest.raises(ValueError, match="config.augment asks for .* _PlainFeatures"):
+        train_and_evaluate(config, str(tmp_path), dataset=plain)
+    assert not os.listdir(tmp_path)
 
 
 def test_the_run_step_fails_when_traced_twice():

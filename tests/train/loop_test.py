@@ -86,9 +86,9 @@ def test_every_config_trains_a_step_under_mock_data(module, tmp_path, teacher_wo
     config = _with_teacher(_small(module.get_config(), steps=2), teacher_workdir)
     config.prune.end = min(config.prune.end, 1)
     config.prune.frequency = 1
-    entry_point = quantize_and_evaluate if module is digits_ptq_w8a8 else train_and_evaluate
+    run = quantize_and_evaluate if config.entry_point == "ptq" else train_and_evaluate
     with tfds.testing.mock_data(num_examples=64):
-        report = entry_point(config, str(tmp_path))
+        report = run(config, str(tmp_path))
     assert report["steps"] == (0 if module is digits_ptq_w8a8 else 2)
     assert 0.0 <= report["test_accuracy"] <= 1.0
     with open(tmp_path / "report.json") as f:

@@ -103,7 +103,7 @@ CASES = list(itertools.product(("adamw", "adam", "sgd"), (0.0, 0.5), ("cosine", 
 def test_zero_quant_learning_rate_is_one_optimizer_over_the_tree(name, clip, schedule):
     config = _config(name, grad_clip_norm=clip, schedule=schedule)
     tree = _trainable()
-    tx, reference = make_optimizer(config), _reference(config)
+    tx, reference = make_optimizer(config, None), _reference(config)
     assert jax.tree.structure(tx.init(tree)) == jax.tree.structure(reference.init(tree))
     grads = _grads(tree)
     for got, want in zip(_run(tx, tree, grads)[0], _run(reference, tree, grads)[0], strict=True):
@@ -148,9 +148,9 @@ def test_quant_learning_rate_steps_the_quantizer_state_at_its_rate(name):
     tree = _trainable()
     grads = _grads(tree)
     config = _config(name, quant_learning_rate=0.05)
-    history, _ = _run(make_optimizer(config), tree, grads)
+    history, _ = _run(make_optimizer(config, None), tree, grads)
     # The params and loss params keep the run's optimizer, bitwise.
-    same_rate, _ = _run(make_optimizer(_config(name)), tree, grads)
+    same_rate, _ = _run(make_optimizer(_config(name), None), tree, grads)
     for got, want in zip(history, same_rate, strict=True):
         _assert_equal(
             {k: got[k] for k in ("params", "distill")}, {k: want[k] for k in ("params", "distill")}
@@ -168,7 +168,7 @@ def test_quant_learning_rate_with_sgd_and_clipping():
     tree = _trainable()
     grads = _grads(tree)
     config = _config("sgd", quant_learning_rate=0.5, grad_clip_norm=1.0, momentum=0.0)
-    history, _ = _run(make_optimizer(config), tree, grads)
+    history, _ = _run(make_optimizer(config, None), tree, grads)
     for t, (g, u) in enumerate(zip(grads, history, strict=True)):
         # One global norm over the whole tree, then plain SGD at each subtree's rate.
         norm = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(g)))
@@ -188,7 +188,7 @@ def test_weight_decay_never_touches_the_quantizer_state(name, quant_learning_rat
     # the params and loss params (Adam's moments stay 0), 0 for the quantizer state.
     tree = _trainable()
     config = _config(name, quant_learning_rate=quant_learning_rate, momentum=0.0)
-    tx = make_optimizer(config)
+    tx = make_optimizer(config, None)
     state = tx.init(tree)
     for t in range(STEPS):
         updates, state = tx.update(jax.tree.map(jnp.zeros_like, tree), state, tree)
@@ -228,7 +228,7 @@ def test_an_unchecked_optimizer_name_or_schedule_is_refused():
     config = ml_collections.ConfigDict(_config().to_dict(), type_safe=False)
     config.optimizer.schedule = "linear"
     with pytest.raises(ValueError, match=r"config.optimizer.schedule must be 'cosine' or"):
-        make_optimizer(config)
+        make_optimizer(config, None)
     config.optimizer.schedule, config.optimizer.name = "cosine", "lamb"
     with pytest.raises(ValueError, match=r"config.optimizer.name must be 'adamw', 'adam' or"):
-        make_optimizer(config)
+        make_optimizer(config, None)

@@ -107,10 +107,12 @@ class ActQuantizer(abc.ABC):
 class LearnedActQuantizer(ActQuantizer):
     """An activation quantizer with one learned symmetric scale per module input.
 
-    Its specs must be per tensor, symmetric and round to nearest.
+    Its specs must be per tensor, symmetric and round to nearest; its state
+    is {state_key: log of the learned value}.
     """
 
     learned = True
+    state_key: str = ""
 
     def check_spec(self, rules_name: str, pattern: str, spec: QuantSpec) -> None:
         require_per_tensor(rules_name, pattern, spec, self.name)
@@ -283,6 +285,15 @@ def _learned(mode: str) -> ActQuantizer:
     return ACT_QUANTIZERS[mode]
 
 
+def _mode_of(state: State) -> str:
+    """The learned activation mode whose state key `state` holds."""
+    for name, quantizer in ACT_QUANTIZERS.items():
+        if getattr(quantizer, "state_key", "") in state:
+            return name
+    keys = {n: q.state_key for n, q in ACT_QUANTIZERS.items() if getattr(q, "state_key", "")}
+    raise ValueError(f"state {sorted(state)} is no learned quantizer's state; their keys: {keys}")
+
+
 def learned_state(scale: ArrayLike, spec: QuantSpec, mode: str) -> State:
     """The state of learned activation mode `mode` whose quantizer scale is `scale`.
 
@@ -301,16 +312,18 @@ def learned_state(scale: ArrayLike, spec: QuantSpec, mode: str) -> State:
     return _learned(mode).from_export({"scale": scale}, spec)
 
 
-def learned_scale(state: State, spec: QuantSpec, mode: str, path: str = "") -> jax.Array:
-    """The scale learned activation mode `mode` quantizes with: s = step, or s = alpha / qmax.
+def learned_scale(
+    state: State, spec: QuantSpec, path: str = "", *, mode: str | None = None
+) -> jax.Array:
+    """The scale a learned activation quantizer quantizes with: s = step, or s = alpha / qmax.
 
     Args:
       state: the mode's trainable state ({"log_step": u} or {"log_alpha": u}).
       spec: the quantizer (its qmax for PACT).
-      mode: "lsq" or "pact".
       path: the module path, for error messages.
+      mode: "lsq" or "pact"; None infers it from the state's key.
 
     Returns:
       The positive float32 scale.
     """
-    return _learned(mode).export(state, spec, path)["scale"]
+    return _learned(mode or _mode_of(state)).export(state, spec, path)["scale"]

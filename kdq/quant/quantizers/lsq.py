@@ -84,6 +84,7 @@ class LsqActivations(LearnedActQuantizer):
     """act_mode "lsq": a learned step per module input (see the module docstring)."""
 
     name = "lsq"
+    state_key = LSQ_KEY
 
     def init(self, spec, calibration, path, *, lsq_init):
         scale = calibration.range(path)["scale"]

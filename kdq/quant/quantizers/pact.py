@@ -55,6 +55,7 @@ class Pact(LearnedActQuantizer):
     """act_mode "pact": learned clipping values (see the module docstring)."""
 
     name = "pact"
+    state_key = PACT_KEY
 
     def init(self, spec, calibration, path, *, lsq_init):
         return alpha_state(calibration.range(path)["scale"], spec)
