@@ -58,19 +58,28 @@ def kdq_version() -> str:
     return __version__
 
 
+# Orbax's commit markers: their text holds the directory's absolute path.
+COMMIT_MARKER = "commit_success.txt"
+
+
 def directory_bytes(path: str | os.PathLike) -> int:
     """Total size in bytes of the files under `path` (orbax metadata included).
+
+    Orbax's commit markers (`COMMIT_MARKER`) are not counted: each holds the
+    absolute path it was written to, so counting it would make the size of
+    the same model depend on where its workdir is.
 
     Args:
       path: a directory.
 
     Returns:
-      The sum of the sizes of every file below it.
+      The sum of the sizes of every file below it, commit markers aside.
     """
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            total += os.path.getsize(os.path.join(root, name))
+            if name != COMMIT_MARKER:
+                total += os.path.getsize(os.path.join(root, name))
     return total
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kdq.checkpoint import (
+    COMMIT_MARKER,
     DamagedCheckpointError,
     StateCheckpoints,
     directory_bytes,
@@ -326,6 +327,23 @@ def test_state_checkpoint_bytes_do_not_vary_between_saves(tmp_path):
     for run in ("a", "b"):
         _states(tmp_path / run)
     assert directory_bytes(tmp_path / "a" / "2") == directory_bytes(tmp_path / "b" / "2")
+
+
+def test_directory_bytes_do_not_depend_on_the_path(tmp_path):
+    """The same checkpoint under a short and a long path: orbax's commit markers hold the path."""
+    short, long = tmp_path / "a", tmp_path / ("b" * 60)
+    for run in (short, long):
+        _states(run)
+    markers = [os.path.join(r, n) for r, _, fs in os.walk(long) for n in fs if n == COMMIT_MARKER]
+    assert markers and all(str(long) in open(m).read() for m in markers)
+    assert directory_bytes(short / "2") == directory_bytes(long / "2")
+    walked = sum(
+        os.path.getsize(os.path.join(r, n))
+        for r, _, fs in os.walk(long / "2")
+        for n in fs
+        if n != COMMIT_MARKER
+    )
+    assert directory_bytes(long / "2") == walked
 
 
 def _sparse_qmodel(sparsity, bits=4):
