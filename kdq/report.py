@@ -6,8 +6,9 @@
 * `provenance()`: the kdq version and commit, jax, the device, Python.
 * `summarize(name, reports)`: one row from the per-seed `report.json`s of a
   configuration (means and sample standard deviations over seeds).
-* `format_table(rows)`: the fixed-width text table printed by the demo and
-  copied into the README, with a legend.
+* `format_table(rows)`: the fixed-width text tables printed by the demo and
+  copied into the README, with legends: one for classification rows
+  (accuracy), one for language-model rows (bits per byte, generation speed).
 * `plot_accuracy_vs_size(rows, path)`: test accuracy against average weight
   bits and against payload bytes.
 """
@@ -171,6 +172,18 @@ def _no_integer_model_reason(row: Mapping[str, Any]) -> str:
     return "not evaluated in integers"
 
 
+# The per-seed metrics a row summarises as mean and sample std, where every seed has them.
+METRIC_FIELDS = (
+    "val_accuracy",
+    "test_accuracy",
+    "test_accuracy_int",
+    "val_bits_per_byte",
+    "test_bits_per_byte",
+    "test_bits_per_byte_int",
+    "generate_tokens_per_second",
+)
+
+
 def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One row from the `report.json`s of one configuration run with several seeds.
 
@@ -186,9 +199,11 @@ def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]
 
     Returns:
       {"name", "model", "params", "seeds", "weight_bits", "weight_bits_label",
-      "avg_weight_bits", "act_bits", "act_bits_label", "test_accuracy",
-      "test_accuracy_std", ["val_accuracy", "val_accuracy_std"],
-      ["test_accuracy_int", "test_accuracy_int_std"] | ["no_integer_model"],
+      "avg_weight_bits", "act_bits", "act_bits_label", "task" (the reports'
+      `task`, "classification" when absent), each of `METRIC_FIELDS` that
+      every report has with its "<field>_std" (classification: val / test /
+      integer test accuracy; language models: val / test / integer test bits
+      per byte and generated tokens per second), ["no_integer_model"],
       "per_seed" ({accuracy key: [one value per seed]}), "payload_bytes"
       (the same for every seed: it depends on the architecture and recipe
       only), "disk_bytes" (mean over seeds, rounded), ["sparsity" (mean)]}.
@@ -220,12 +235,13 @@ def summarize(name: str, reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]
         "act_bits_label",
     ):
         row[field] = first[field]
+    row["task"] = first.get("task", "classification")
     per_seed = {}
-    for field in ("val_accuracy", "test_accuracy", "test_accuracy_int"):
+    for field in METRIC_FIELDS:
         if all(field in r for r in reports):
             per_seed[field] = [r[field] for r in reports]
             row[field], row[f"{field}_std"] = _mean_std(per_seed[field])
-    if "test_accuracy_int" not in row:
+    if "test_accuracy_int" not in row and "test_bits_per_byte_int" not in row:
         row["no_integer_model"] = _no_integer_model_reason(row)
     row["per_seed"] = per_seed
     row["payload_bytes"] = first["payload_bytes"]
@@ -256,22 +272,57 @@ def _accuracy(row: Mapping[str, Any], field: str) -> str:
     return f"{100 * row[field]:.2f} ± {100 * row[f'{field}_std']:.2f}"
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A fixed-width text table of summary rows, with a legend below it.
+def _fixed_width(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    """The header, a rule and the lines, each column as wide as its widest cell."""
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    rule = "  ".join("-" * w for w in widths)
+    return [fmt.format(*header).rstrip(), rule, *(fmt.format(*line).rstrip() for line in lines)]
 
-    Columns: run, model, params, W bits and A bits (labels from
+
+def _integer_legend(rows: Sequence[Mapping[str, Any]], column: str) -> list[str]:
+    """The legend line saying which rows have no integer model, and why."""
+    missing: dict[str, list[str]] = {}
+    for row in rows:
+        if "no_integer_model" in row:
+            missing.setdefault(row["no_integer_model"], []).append(row["name"])
+    if not missing:
+        return []
+    reasons = "; ".join(f"{', '.join(names)} ({why})" for why, names in missing.items())
+    return [f"{column}: integer model (integer weights and activations); none for {reasons}"]
+
+
+def _seeds_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    return "/".join(map(str, sorted({len(row["seeds"]) for row in rows})))
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Fixed-width text tables of summary rows, each with a legend below it.
+
+    Classification rows: run, model, params, W bits and A bits (labels from
     `bits_summary`: the narrowest width, other widths in parentheses), val /
     test / int test accuracy (mean ± sample std over seeds, in %), payload
     bytes, disk bytes, sparsity. "int test acc" is the exported integer
     model's (`kdq.quant.integer.integer_apply`); "-" where a run has none,
-    and the legend says why.
+    and the legend says why. Language-model rows ("task":
+    "language_modeling") follow in their own table (`format_lm_table`).
 
     Args:
       rows: summary rows from `summarize`.
 
     Returns:
-      The table as text: a header, a rule, one line per row, then the legend.
+      The tables as text: per table a header, a rule, one line per row, then
+      the legend; a blank line between the tables.
     """
+    classification = [r for r in rows if r.get("task", "classification") != "language_modeling"]
+    language = [r for r in rows if r.get("task") == "language_modeling"]
+    tables = [_classification_table(classification)] if classification else []
+    if language:
+        tables.append(format_lm_table(language))
+    return "\n\n".join(tables)
+
+
+def _classification_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [
         (
             row["name"],
@@ -288,34 +339,76 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         )
         for row in rows
     ]
-    widths = [max(len(str(c)) for c in column) for column in zip(TABLE_HEADER, *lines, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    rule = "  ".join("-" * w for w in widths)
-    seeds = sorted({len(row["seeds"]) for row in rows})
     legend = [
-        f"accuracies: %, mean ± sample std over {'/'.join(map(str, seeds))} "
+        f"accuracies: %, mean ± sample std over {_seeds_text(rows)} "
         "seed(s); W/A bits: narrowest width (other widths: layers)",
         "payload B: packed integers (at their bit width) + scales + zero points + float "
         "leaves; disk B: the exported orbax directory (compressed, metadata included)",
+        *_integer_legend(rows, "int test acc"),
     ]
-    missing: dict[str, list[str]] = {}
-    for row in rows:
-        if "no_integer_model" in row:
-            missing.setdefault(row["no_integer_model"], []).append(row["name"])
-    if missing:
-        reasons = "; ".join(f"{', '.join(names)} ({why})" for why, names in missing.items())
-        legend.append(
-            f"int test acc: integer model (integer weights and activations); none for {reasons}"
+    return "\n".join([*_fixed_width(TABLE_HEADER, lines), "", *legend])
+
+
+LM_TABLE_HEADER = (
+    "run",
+    "model",
+    "params",
+    "W bits",
+    "A bits",
+    "val bits/byte",
+    "test bits/byte",
+    "int test bits/byte",
+    "payload B",
+    "sparsity",
+    "gen tok/s",
+)
+
+
+def _mean_std_text(row: Mapping[str, Any], field: str, digits: int) -> str:
+    if field not in row:
+        return "-"
+    return f"{row[field]:.{digits}f} ± {row[f'{field}_std']:.{digits}f}"
+
+
+def format_lm_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The language-model table: bits per byte (mean ± sample std over seeds), size, speed.
+
+    Columns: run, model, params, W / A bits, val / test / integer-path test
+    bits per byte (lower is better), payload bytes, sparsity and greedy
+    cached generation speed of the final model (tokens per second, batch 1,
+    `kdq.train.lm.generation_speed`).
+
+    Args:
+      rows: summary rows of language-model runs from `summarize`.
+
+    Returns:
+      The table as text: a header, a rule, one line per row, then the legend.
+    """
+    lines = [
+        (
+            row["name"],
+            row["model"],
+            f"{row['params']:,}",
+            row["weight_bits_label"],
+            row["act_bits_label"],
+            _mean_std_text(row, "val_bits_per_byte", 3),
+            _mean_std_text(row, "test_bits_per_byte", 3),
+            _mean_std_text(row, "test_bits_per_byte_int", 3),
+            f"{row['payload_bytes']:,}",
+            f"{100 * row['sparsity']:.0f} %" if "sparsity" in row else "-",
+            f"{row['generate_tokens_per_second']:.0f}"
+            if "generate_tokens_per_second" in row
+            else "-",
         )
-    return "\n".join(
-        [
-            fmt.format(*TABLE_HEADER).rstrip(),
-            rule,
-            *(fmt.format(*line).rstrip() for line in lines),
-            "",
-            *legend,
-        ]
-    )
+        for row in rows
+    ]
+    legend = [
+        f"bits/byte: next-byte cross-entropy / ln 2 over every held-out byte, mean ± sample "
+        f"std over {_seeds_text(rows)} seed(s); gen tok/s: greedy generation with the KV "
+        "cache, batch 1, this machine (fake-quantized forward for quantized rows)",
+        *_integer_legend(rows, "int test bits/byte"),
+    ]
+    return "\n".join([*_fixed_width(LM_TABLE_HEADER, lines), "", *legend])
 
 
 def _is_mixed(row: Mapping[str, Any]) -> bool:

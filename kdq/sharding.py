@@ -7,7 +7,11 @@ state are replicated, except leaves that `param_rules` shard, e.g.
     [(r"params/.*/kernel", (None, "model"))]   # shard kernels' output axis
 
 (rules as everywhere in kdq: regex over '/'-joined paths, first match wins,
-None = replicated). `jit` then partitions the step itself (GSPMD).
+None = replicated). `jit` then partitions the step itself (GSPMD). Every
+sharded axis must divide evenly over its mesh axes, or `tree_shardings` raises
+a ValueError naming the leaf; a rule `(path, None)` placed before keeps such a
+leaf replicated. `transformer_rules` gives the rules of the usual strategies
+for kdq's transformers, and `PARAM_RULES` names them for run configs.
 
 Several hosts (cloud TPU pods, multi-node GPU): call
 `initialize_distributed()` once per process before anything else touches JAX;
@@ -16,6 +20,7 @@ each process then feeds its own slice of the global batch (`shard_batch`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +32,13 @@ from kdq.rules import key_path_str, match_rules
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
+STRATEGIES = ("none", "fsdp", "tensor")
+
+ShardingRules = tuple[tuple[str, tuple[Any, ...] | None], ...]
+
+# A path segment prefix: the rules match the model's params wherever they sit
+# in the train state ("params/...", optimizer moments "opt_state/.../mu/...").
+_ANY = r"(.*/)?"
 
 
 def initialize_distributed() -> None:
@@ -62,6 +74,90 @@ def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 
+def transformer_rules(strategy: str) -> ShardingRules:
+    """Param sharding rules of a strategy for kdq's transformers.
+
+    The rules match the `kdq.models.transformer` param paths (LM blocks
+    `block_{i}` and encoder layers `layer_{i}`) at any depth of the train
+    state, so the optimizer moments of a param are placed like the param.
+    Leaves no rule matches (norm scales, the encoder's position embedding and
+    layer norms, quantizer and loss state) are replicated.
+
+    "none": every leaf replicated (plain data parallelism).
+
+    "fsdp" (fully sharded data parallelism, ZeRO-3): the first axis of every
+    kernel and embedding is split over "data", so each of the D data-parallel
+    devices stores 1/D of them and of their optimizer state; `jit` gathers a
+    weight where it is used and reduce-scatters its gradient.
+
+    "tensor" (Megatron-LM, Shoeybi et al. 2019), over "model": an attention
+    block splits q, k, v by output columns, i.e. by heads (heads are
+    contiguous column blocks), so each device computes its heads' attention
+    on its own, and o by input rows, the same heads; each device's o rows
+    give a partial sum of y = sum_h a_h W_o[h], and one all-reduce completes
+    it. The MLP likewise splits gate and up by columns (neurons), so silu(x
+    W_gate) * (x W_up) is local, and down by rows, one all-reduce again. The
+    token embedding is split by vocabulary rows and the untied output head
+    by vocabulary columns (logits sharded by vocabulary); the encoder's q, k,
+    v and up biases follow their kernels' columns. A split that is not a
+    whole number of heads (e.g. 2 key-value heads over 4 devices) is still
+    computed exactly, with more communication.
+
+    Args:
+      strategy: one of `STRATEGIES`.
+
+    Returns:
+      (regex, PartitionSpec tuple) pairs for `tree_shardings`.
+
+    Raises:
+      ValueError: `strategy` is not in `STRATEGIES`.
+
+    >>> transformer_rules("tensor")[0]
+    ('(.*/)?attn/(q|k|v)/kernel', (None, 'model'))
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
+    if strategy == "none":
+        return ()
+    if strategy == "fsdp":
+        return ((_ANY + r"(kernel|embedding)", (DATA_AXIS,)),)
+    columns, rows = (None, MODEL_AXIS), (MODEL_AXIS, None)
+    return (
+        (_ANY + r"attn/(q|k|v)/kernel", columns),
+        (_ANY + r"attn/(q|k|v)/bias", (MODEL_AXIS,)),
+        (_ANY + r"attn/o/kernel", rows),
+        (_ANY + r"mlp/(gate|up)/kernel", columns),
+        (_ANY + r"mlp/up/bias", (MODEL_AXIS,)),
+        (_ANY + r"mlp/down/kernel", rows),
+        (_ANY + r"embed/embedding", rows),
+        (_ANY + r"head/kernel", columns),
+    )
+
+
+# Rules by strategy name, for run configs (e.g. sharding.strategy="tensor").
+PARAM_RULES: dict[str, ShardingRules] = {name: transformer_rules(name) for name in STRATEGIES}
+
+
+def _check_divisible(path: str, shape: tuple[int, ...], spec: Any, mesh: Mesh) -> None:
+    """Every axis of `shape` that `spec` shards divides by its mesh axes' total size."""
+    for axis, names in enumerate(spec):
+        names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+        unknown = [name for name in names if name not in mesh.shape]
+        if unknown:
+            raise ValueError(
+                f"sharding rule gives {tuple(spec)} for '{path}': mesh axes {unknown} are not "
+                f"in the mesh {dict(mesh.shape)}"
+            )
+        devices = math.prod(mesh.shape[name] for name in names)
+        if shape[axis] % devices:
+            raise ValueError(
+                f"sharding rule gives {tuple(spec)} for '{path}' of shape {shape}: axis {axis} "
+                f"(size {shape[axis]}) does not split evenly over {devices} devices of mesh "
+                f"axes {names}; choose sizes divisible by {devices}, or put a rule "
+                f"('{path}', None) first to replicate it"
+            )
+
+
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ()) -> Any:
     """A `NamedSharding` per leaf: the rule's PartitionSpec, replicated otherwise.
 
@@ -72,6 +168,11 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ())
 
     Returns:
       A pytree of `NamedSharding`s with the structure of `tree`.
+
+    Raises:
+      ValueError: a rule's spec has more axes than its leaf, names an axis
+        that is not in `mesh`, or shards an axis whose size its mesh axes do
+        not divide.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = [key_path_str(path) for path, _ in leaves]
@@ -83,6 +184,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ())
             raise ValueError(
                 f"sharding rule gives {spec} for '{path}' of shape {np.shape(leaf)}: too many axes"
             )
+        _check_divisible(path, np.shape(leaf), spec, mesh)
         shardings.append(NamedSharding(mesh, PartitionSpec(*spec)))
     return jax.tree_util.tree_unflatten(treedef, shardings)
 

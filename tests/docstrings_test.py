@@ -10,7 +10,7 @@ import pytest
 import kdq
 
 PACKAGES = ["kdq.quant", "kdq.distill", "kdq.prune", "kdq.data", "kdq.models", "kdq.train"]
-MODULES = ["kdq.checkpoint", "kdq.report", "kdq.rules", "kdq.sharding"]
+MODULES = ["kdq.checkpoint", "kdq.generate", "kdq.report", "kdq.rules", "kdq.sharding", "kdq.tasks"]
 
 
 def _public_callables():

@@ -23,10 +23,19 @@ def test_committed_report_records_what_ran_and_where():
         report = json.load(f)
     assert report["seeds"] and set(report["configs"]) == {row["name"] for row in report["runs"]}
     assert report["provenance"]["kdq_commit"] != "unknown"
+    tasks = {row.get("task", "classification") for row in report["runs"]}
+    assert tasks == {"classification", "language_modeling"}
     for row in report["runs"]:
-        assert row["seeds"] == report["seeds"]
-        assert "val_accuracy" in row and "test_accuracy" in row
-        assert ("test_accuracy_int" in row) != ("no_integer_model" in row)
+        if row.get("task", "classification") == "classification":
+            assert row["seeds"] == report["seeds"]
+            assert "val_accuracy" in row and "test_accuracy" in row
+            integer = "test_accuracy_int" in row
+        else:
+            assert row["seeds"] == report["lm_seeds"]
+            assert "val_bits_per_byte" in row and "test_bits_per_byte" in row
+            assert row["generate_tokens_per_second"] > 0
+            integer = "test_bits_per_byte_int" in row
+        assert integer != ("no_integer_model" in row)
 
 
 def _row(name):

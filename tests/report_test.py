@@ -202,3 +202,39 @@ def test_plot_has_plain_ticks_a_legend_and_marks_mixed_precision(tmp_path):
     plt.close(fig)
     plot_accuracy_vs_size(ROWS, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _lm_report(seed, test_bpb, **extra):
+    report = _report(seed, None, task="language_modeling", **extra)
+    del report["test_accuracy"]
+    return {
+        **report,
+        "model": "lm_tiny",
+        "val_bits_per_byte": test_bpb + 0.1,
+        "test_bits_per_byte": test_bpb,
+        "generate_tokens_per_second": 1000.0 + seed,
+    }
+
+
+def test_summarize_language_models_over_seeds():
+    row = summarize("lm", [_lm_report(0, 2.0), _lm_report(1, 2.2)])
+    assert row["task"] == "language_modeling"
+    assert row["test_bits_per_byte"] == pytest.approx(2.1)
+    assert row["test_bits_per_byte_std"] == pytest.approx(0.2 / np.sqrt(2))
+    assert row["val_bits_per_byte"] == pytest.approx(2.2)
+    assert row["generate_tokens_per_second"] == pytest.approx(1000.5)
+    assert "test_accuracy" not in row and row["no_integer_model"] == "not evaluated in integers"
+    assert summarize("image", [_report(0, 0.9)])["task"] == "classification"
+
+
+def test_format_table_puts_language_models_in_their_own_table():
+    lm = summarize("lm_kd", [_lm_report(0, 2.0, sparsity=0.5)])
+    expected_lm = """\
+run    model    params  W bits  A bits  val bits/byte  test bits/byte  int test bits/byte  payload B  sparsity  gen tok/s
+-----  -------  ------  ------  ------  -------------  --------------  ------------------  ---------  --------  ---------
+lm_kd  lm_tiny  1,234   4       4       2.100 ± 0.000  2.000 ± 0.000   -                   1,000      50 %      1000"""
+    text = format_table([*ROWS, lm])
+    image, language = text.split("\n\n", 2)[:2], text.split("\n\n")[-2:]
+    assert format_table(ROWS) == "\n\n".join(image)
+    assert "\n\n".join(language).startswith(expected_lm)
+    assert "bits/byte: next-byte cross-entropy / ln 2" in language[1]

@@ -15,7 +15,15 @@ import time
 
 from experiments.bench import common
 
-SCRIPTS = ("qat_overhead", "peers", "distill_overhead", "integer_inference", "compile_time")
+SCRIPTS = (
+    "qat_overhead",
+    "peers",
+    "distill_overhead",
+    "integer_inference",
+    "compile_time",
+    "lm_steps",
+    "lm_generation",
+)
 
 
 def main(argv=None) -> dict:

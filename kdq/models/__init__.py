@@ -26,6 +26,17 @@ from kdq.models.resnet import (
     ResNet110,
 )
 from kdq.models.small import CNN, MLP, count_params
+from kdq.models.transformer import (
+    EncoderSmall,
+    EncoderTiny,
+    LMBase,
+    LMSmall,
+    LMTiny,
+    TransformerEncoder,
+    TransformerLM,
+    init_kv_cache,
+    transformer_param_count,
+)
 from kdq.models.wide_resnet import WideResNet, WRN16x2, WRN40x2
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -50,6 +61,14 @@ MODELS: dict[str, type[nn.Module]] = {
     "mobilenet_v2": MobileNetV2,
     "mobilenet_v3_small": MobileNetV3Small,
     "mobilenet_v3_large": MobileNetV3Large,
+    # Token models (kdq.models.transformer): num_classes is the vocabulary of an LM.
+    "transformer_lm": TransformerLM,
+    "lm_tiny": LMTiny,
+    "lm_small": LMSmall,
+    "lm_base": LMBase,
+    "transformer_encoder": TransformerEncoder,
+    "encoder_tiny": EncoderTiny,
+    "encoder_small": EncoderSmall,
 }
 
 
@@ -85,20 +104,41 @@ def create_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
     return cls(num_classes=num_classes, **options)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Options that are not sizes: (test, requirement) by name.
+_OPTION_RULES = {
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "width_mult": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "rope_base": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "norm_eps": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "pad_id": (lambda v: v is None or (_is_int(v) and v >= 0), "None or a token id >= 0"),
+    "type_vocab_size": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: no token types)"),
+    "pooling": (lambda v: v in ("cls", "mean"), "'cls' or 'mean'"),
+    "tie_embeddings": (lambda v: isinstance(v, bool), "a bool"),
+    "approximate_gelu": (lambda v: isinstance(v, bool), "a bool"),
+}
+
+
 def _check_option(model: str, option: str, value: Any) -> None:
     """Refuses sizes that build no network: widths, depths and counts are ints >= 1.
 
     An int option, or an int inside a sequence option (e.g. `hidden`,
-    `channels`, `stage_sizes`), must be >= 1; `dropout` must lie in [0, 1)
-    and `width_mult` be a finite number > 0.
+    `channels`, `stage_sizes`), must be >= 1; the options of `_OPTION_RULES`
+    (`dropout` in [0, 1), `width_mult`, `rope_base` and `norm_eps` finite and
+    > 0, `pad_id` None or >= 0, `type_vocab_size` >= 0, `pooling` "cls" or
+    "mean", bool flags) follow their own rule. None (a derived default, e.g.
+    `num_kv_heads`) is accepted.
     """
-    if option == "dropout":
-        valid = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
-        requirement = "a number in [0, 1)"
-    elif option == "width_mult":
-        valid = isinstance(value, int | float) and not isinstance(value, bool)
-        valid = valid and math.isfinite(value) and value > 0
-        requirement = "a finite number > 0"
+    if option in _OPTION_RULES:
+        test, requirement = _OPTION_RULES[option]
+        valid = test(value)
     else:
         ints = value if isinstance(value, list | tuple) else [value]
         valid = all(not isinstance(v, int) or isinstance(v, bool) or v >= 1 for v in ints)
@@ -112,6 +152,11 @@ __all__ = [
     "MLP",
     "MODELS",
     "CifarResNet",
+    "EncoderSmall",
+    "EncoderTiny",
+    "LMBase",
+    "LMSmall",
+    "LMTiny",
     "MobileNetV2",
     "MobileNetV3Large",
     "MobileNetV3Small",
@@ -128,9 +173,13 @@ __all__ = [
     "ResNet50",
     "ResNet56",
     "ResNet110",
+    "TransformerEncoder",
+    "TransformerLM",
     "WRN16x2",
     "WRN40x2",
     "WideResNet",
     "count_params",
     "create_model",
+    "init_kv_cache",
+    "transformer_param_count",
 ]

@@ -10,6 +10,13 @@ states unchanged. Map it against params with the params first, e.g.
 
 Kernels follow the Flax layout: Dense `(in, out)`, Conv `(..., in, out)`. The
 output channels are the last axis; the contraction (input-channel) axis is -2.
+
+Structured pruning of transformers removes whole units exactly by zeroing rows
+of the kernel that reads them. Attention with H heads of width Dh computes
+y = concat_h(a_h) @ W_o = sum_h a_h @ W_o[h*Dh:(h+1)*Dh], so zeroing the h-th
+block of Dh rows of W_o (structure "heads", group_size=Dh) removes head h's
+term whatever a_h is; likewise an MLP down(phi(x)) = sum_j phi_j(x) W_down[j]
+loses exactly neuron j when row j of W_down is zeroed (structure "neurons").
 """
 
 from __future__ import annotations
@@ -24,10 +31,18 @@ import numpy as np
 
 from kdq.rules import Rules, key_path_str, match_rules
 
-STRUCTURES = ("unstructured", "channel", "n:m")
+STRUCTURES = ("unstructured", "channel", "n:m", "heads", "neurons")
+# Structures that prune groups of `group_size` consecutive input rows (axis -2).
+ROW_GROUP_STRUCTURES = ("heads", "neurons")
+# Structures whose leaves scope="global" ranks together (one pool per structure).
+POOLED_STRUCTURES = ("unstructured", *ROW_GROUP_STRUCTURES)
 NORMS = ("l1", "l2")
 IMPORTANCES = ("magnitude", "taylor")
 SCOPES = ("layer", "global")
+# floor(s * G) counts s * G within this relative distance of an integer as that
+# integer, so that float rounding (0.57 * 100 = 56.99999999999999) and float32
+# sparsities give the intended count.
+_FLOOR_SLACK = 1e-6
 
 
 def _is_int(x: Any) -> bool:
@@ -76,74 +91,118 @@ class PruneSpec:
       "n:m": in every group of M consecutive weights along the contraction axis
         (-2), the N of largest importance are kept and the M - N others pruned
         (N:M sparsity, e.g. 2:4). The sparsity is 1 - N/M, fixed by n and m.
+      "heads" and "neurons": whole groups of `group_size` consecutive rows of
+        the contraction axis (-2) are pruned. With G = in / group_size groups,
+        the k = floor(sparsity * G) groups whose importances have the smallest
+        L1 or L2 norm over the group's rows (and all other axes) are zeroed
+        (a product sparsity * G within 1e-6 relative of an integer counts as
+        that integer, against float rounding).
+        Rounding down never prunes more than `sparsity` of such coarse units
+        (k / G <= sparsity). "heads" is meant for an attention output kernel
+        o (H * Dh, d) with group_size = Dh, the head width: its H row blocks
+        are the heads, and zeroing one removes that head's contribution
+        exactly (see the module docstring); the head's q, k, v columns then
+        no longer affect the output. "neurons" is meant for an MLP down
+        kernel (mlp_dim, d): one neuron per row (group_size 1 by default),
+        or blocks of `group_size` neurons.
 
     Ties are broken deterministically: among equal importances (or equal
-    channel norms) the element with the lower row-major index is pruned first,
+    channel or group norms) the element with the lower row-major index is pruned first,
     i.e. elements are ranked by a stable sort on (importance, index).
 
     Attributes:
-      sparsity: fraction to prune, in [0, 1), for "unstructured" and "channel";
+      sparsity: fraction to prune, in [0, 1), for every structure but "n:m";
         None to leave it to the caller (e.g. a `SparsitySchedule`). Must be None
         for "n:m".
-      structure: "unstructured", "channel" or "n:m".
+      structure: one of `STRUCTURES`.
       n: weights kept per group ("n:m" only), 1 <= n <= m.
       m: group size ("n:m" only); must divide the contraction axis.
-      norm: "l1" or "l2", the channel norm ("channel" only).
+      group_size: rows per pruned group ("heads": required, the head width;
+        "neurons": 1 by default); must divide the contraction axis. None for
+        the other structures.
+      norm: "l1" or "l2", the channel or group norm ("channel", "heads",
+        "neurons").
       importance: "magnitude" or "taylor" (needs the gradient).
+
+    Raises:
+      ValueError: a field is out of range or does not fit `structure`.
     """
 
     sparsity: float | None = None
     structure: str = "unstructured"
     n: int | None = None
     m: int | None = None
+    group_size: int | None = None
     norm: str = "l2"
     importance: str = "magnitude"
 
     def __post_init__(self) -> None:
-        if self.structure not in STRUCTURES:
-            raise ValueError(
-                f"structure must be one of {STRUCTURES}, got structure={self.structure!r}"
-            )
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got norm={self.norm!r}")
-        if self.importance not in IMPORTANCES:
-            raise ValueError(
-                f"importance must be one of {IMPORTANCES}, got importance={self.importance!r}"
-            )
-        if self.structure == "n:m":
-            if self.sparsity is not None:
-                raise ValueError(
-                    "an 'n:m' spec takes its sparsity 1 - n/m from n and m; leave sparsity=None, "
-                    f"got sparsity={self.sparsity!r}"
-                )
-            for name, value in (("n", self.n), ("m", self.m)):
-                if not _is_int(value) or value < 1:
-                    raise ValueError(
-                        f"structure 'n:m' needs {name} >= 1 (an int), got {name}={value!r}"
-                    )
-            if self.n > self.m:
-                raise ValueError(
-                    f"n must be <= m (n non-zeros in every group of m), got n={self.n}, m={self.m}"
-                )
-            object.__setattr__(self, "n", int(self.n))
-            object.__setattr__(self, "m", int(self.m))
-        else:
+        for name, value, choices in (
+            ("structure", self.structure, STRUCTURES),
+            ("norm", self.norm, NORMS),
+            ("importance", self.importance, IMPORTANCES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
+        self._check_n_m()
+        self._check_group_size()
+        if self.structure != "n:m" and self.sparsity is not None:
+            object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+
+    def _check_n_m(self) -> None:
+        if self.structure != "n:m":
             if self.n is not None or self.m is not None:
                 raise ValueError(
                     f"n and m are for structure 'n:m' only, got n={self.n!r}, m={self.m!r} with "
                     f"structure={self.structure!r}"
                 )
-            if self.sparsity is not None:
-                object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+            return
+        if self.sparsity is not None:
+            raise ValueError(
+                "an 'n:m' spec takes its sparsity 1 - n/m from n and m; leave sparsity=None, "
+                f"got sparsity={self.sparsity!r}"
+            )
+        for name, value in (("n", self.n), ("m", self.m)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(
+                    f"structure 'n:m' needs {name} >= 1 (an int), got {name}={value!r}"
+                )
+        if self.n > self.m:
+            raise ValueError(
+                f"n must be <= m (n non-zeros in every group of m), got n={self.n}, m={self.m}"
+            )
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "m", int(self.m))
+
+    def _check_group_size(self) -> None:
+        if self.structure not in ROW_GROUP_STRUCTURES:
+            if self.group_size is not None:
+                raise ValueError(
+                    f"group_size is for structures {ROW_GROUP_STRUCTURES} only, got "
+                    f"group_size={self.group_size!r} with structure={self.structure!r}"
+                )
+            return
+        if self.group_size is None and self.structure == "neurons":
+            object.__setattr__(self, "group_size", 1)
+        if not _is_int(self.group_size) or self.group_size < 1:
+            hint = " (the head width, head_dim)" if self.structure == "heads" else ""
+            raise ValueError(
+                f"structure {self.structure!r} needs group_size >= 1 (an int){hint}, got "
+                f"group_size={self.group_size!r}"
+            )
+        object.__setattr__(self, "group_size", int(self.group_size))
 
 
-def _prune_count(sparsity: Any, size: int) -> Any:
-    """k = round(sparsity * size): exact python rounding when `sparsity` is a
-    python number, float32 `jnp.round` (clipped to [0, size]) when it is an array."""
+def _prune_count(sparsity: Any, size: int, *, floor: bool = False) -> Any:
+    """k = round(sparsity * size), or floor(sparsity * (1 + 1e-6) * size) when
+    `floor`: in python arithmetic when `sparsity` is a python number, in
+    float32 when it is an array; clipped to [0, size]."""
     if _is_python_scalar(sparsity):
-        return round(check_sparsity(sparsity) * size)
-    k = jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
-    return jnp.clip(k, 0, size)
+        product = check_sparsity(sparsity) * size
+        return min(math.floor(product * (1 + _FLOOR_SLACK)) if floor else round(product), size)
+    product = jnp.asarray(sparsity, jnp.float32) * size
+    k = jnp.floor(product * (1 + _FLOOR_SLACK)) if floor else jnp.round(product)
+    return jnp.clip(k.astype(jnp.int32), 0, size)
 
 
 def _keep_largest(scores: jax.Array, k: Any) -> jax.Array:
@@ -173,21 +232,43 @@ def _check_kernel(w: jax.Array, spec: PruneSpec, where: str) -> None:
             f"structure {spec.structure!r} needs a kernel with at least 2 axes (..., in, out), "
             f"got {where} with shape {w.shape}"
         )
-    if spec.structure == "n:m" and w.shape[-2] % spec.m:
-        raise ValueError(
-            f"m={spec.m} must divide the contraction axis (axis -2) of {where}, "
-            f"shape {w.shape}: size {w.shape[-2]}"
-        )
+    for name, size in (("m", spec.m), ("group_size", spec.group_size)):
+        if size is not None and w.shape[-2] % size:
+            raise ValueError(
+                f"{name}={size} must divide the contraction axis (axis -2) of {where}, "
+                f"shape {w.shape}: size {w.shape[-2]}"
+            )
+
+
+def _norm(values: jax.Array, axis: Any, norm: str) -> jax.Array:
+    """sum |v| ("l1") or sqrt(sum v^2) ("l2") of non-negative `values` over `axis`."""
+    if norm == "l1":
+        return jnp.sum(values, axis=axis)
+    return jnp.sqrt(jnp.sum(values**2, axis=axis))
 
 
 def _channel_keep(importance: jax.Array, spec: PruneSpec, sparsity: Any) -> jax.Array:
-    reduce = tuple(range(importance.ndim - 1))
-    if spec.norm == "l1":
-        scores = jnp.sum(importance, axis=reduce)
-    else:
-        scores = jnp.sqrt(jnp.sum(importance**2, axis=reduce))
+    scores = _norm(importance, tuple(range(importance.ndim - 1)), spec.norm)
     keep = _keep_largest(scores, _prune_count(sparsity, scores.size))
     return jnp.broadcast_to(keep, importance.shape)
+
+
+def _row_group_scores(importance: jax.Array, spec: PruneSpec) -> jax.Array:
+    """(G,) norms of the G = in / group_size row groups of an `(..., in, out)` array."""
+    rows = jnp.moveaxis(importance, -2, 0)
+    groups = rows.reshape(rows.shape[0] // spec.group_size, -1)
+    return _norm(groups, 1, spec.norm)
+
+
+def _expand_row_groups(keep: jax.Array, shape: tuple[int, ...], group_size: int) -> jax.Array:
+    """A (G,) group keep vector as a mask of `shape` (..., in, out): row r follows group r // gs."""
+    return jnp.broadcast_to(jnp.repeat(keep, group_size)[:, None], shape)
+
+
+def _row_group_keep(importance: jax.Array, spec: PruneSpec, sparsity: Any) -> jax.Array:
+    scores = _row_group_scores(importance, spec)
+    keep = _keep_largest(scores, _prune_count(sparsity, scores.size, floor=True))
+    return _expand_row_groups(keep, importance.shape, spec.group_size)
 
 
 def _nm_keep(importance: jax.Array, n: int, m: int) -> jax.Array:
@@ -212,12 +293,13 @@ def magnitude_mask(
     See `PruneSpec` for the importance, the structures and the tie-breaking.
 
     Args:
-      w: the weight; a kernel `(..., in, out)` for "channel" and "n:m".
+      w: the weight; a kernel `(..., in, out)` for every structure but
+        "unstructured".
       spec: how to prune.
       grad: dL/dw, required when `spec.importance == "taylor"`.
-      sparsity: overrides `spec.sparsity` ("unstructured" and "channel"); may
-        be a traced scalar (then k = round(sparsity * size) is computed in
-        float32 and clipped to [0, size]), e.g. a schedule's value.
+      sparsity: overrides `spec.sparsity` (every structure but "n:m"); may
+        be a traced scalar (then the count k is computed in float32 and
+        clipped to [0, size]), e.g. a schedule's value.
       name: how error messages call `w`.
 
     Returns:
@@ -237,7 +319,22 @@ def magnitude_mask(
         )
     if spec.structure == "channel":
         return _channel_keep(importance, spec, sparsity)
+    if spec.structure in ROW_GROUP_STRUCTURES:
+        return _row_group_keep(importance, spec, sparsity)
     return _keep_largest(importance.ravel(), _prune_count(sparsity, w.size)).reshape(w.shape)
+
+
+def _shared(specs: list[PruneSpec], paths: list[str], field: str, structure: str) -> Any:
+    """The one value of `field` over the specs of a global pool, or a ValueError."""
+    values = {getattr(spec, field) for spec in specs}
+    if len(values) != 1 or None in values:
+        shown = ", ".join(f"{p}: {getattr(s, field)}" for p, s in zip(paths, specs, strict=True))
+        override = " (or sparsity=...)" if field == "sparsity" else ""
+        raise ValueError(
+            f"scope='global' needs one {field} shared by all {structure} specs{override}, "
+            f"as it ranks their layers together; got {shown}"
+        )
+    return values.pop()
 
 
 def _global_masks(
@@ -247,34 +344,41 @@ def _global_masks(
     paths: list[str],
     sparsity: Any,
 ) -> list[jax.Array]:
-    """Unstructured masks sharing one ranking over all `leaves`."""
+    """Masks of leaves of one structure ("unstructured", "heads" or "neurons")
+    sharing one ranking: of all their weights, or of all their row groups."""
+    structure = specs[0].structure
+    grouped = structure in ROW_GROUP_STRUCTURES
     if sparsity is None:
-        targets = {spec.sparsity for spec in specs}
-        if len(targets) != 1 or None in targets:
-            shown = ", ".join(f"{p}: {s.sparsity}" for p, s in zip(paths, specs, strict=True))
-            raise ValueError(
-                "scope='global' needs one sparsity shared by all unstructured specs (or "
-                f"sparsity=...), got {shown}"
-            )
-        sparsity = targets.pop()
-    if len({spec.importance for spec in specs}) != 1:
-        shown = ", ".join(f"{p}: {s.importance}" for p, s in zip(paths, specs, strict=True))
-        raise ValueError(
-            f"scope='global' ranks all unstructured layers together, so they need the same "
-            f"importance, got {shown}"
-        )
-    scores = jnp.concatenate(
-        [
-            _importance(jnp.asarray(w), spec, g, path).ravel()
-            for w, spec, g, path in zip(leaves, specs, grads, paths, strict=True)
-        ]
+        sparsity = _shared(specs, paths, "sparsity", structure)
+    for field in ("importance", "norm") if grouped else ("importance",):
+        _shared(specs, paths, field, structure)
+    scores = []
+    for w, spec, grad, path in zip(leaves, specs, grads, paths, strict=True):
+        w = jnp.asarray(w)
+        if grouped:
+            _check_kernel(w, spec, f"'{path}'")
+        importance = _importance(w, spec, grad, f"'{path}'")
+        scores.append(_row_group_scores(importance, spec) if grouped else importance.ravel())
+    keep = _keep_largest(
+        jnp.concatenate(scores),
+        _prune_count(sparsity, sum(x.size for x in scores), floor=grouped),
     )
-    keep = _keep_largest(scores, _prune_count(sparsity, scores.size))
-    bounds = np.cumsum([0] + [math.prod(jnp.shape(w)) for w in leaves])
+    bounds = np.cumsum([0] + [x.size for x in scores])
     return [
-        keep[lo:hi].reshape(jnp.shape(w))
-        for w, lo, hi in zip(leaves, bounds[:-1], bounds[1:], strict=True)
+        _expand_row_groups(keep[lo:hi], jnp.shape(w), spec.group_size)
+        if grouped
+        else keep[lo:hi].reshape(jnp.shape(w))
+        for w, spec, lo, hi in zip(leaves, specs, bounds[:-1], bounds[1:], strict=True)
     ]
+
+
+def _check_floating(paths: list[str], leaves: list[Any], specs: list[Any]) -> None:
+    for path, leaf, spec in zip(paths, leaves, specs, strict=True):
+        if spec is not None and not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            raise ValueError(
+                f"rules select '{path}' for pruning, but it has dtype {jnp.asarray(leaf).dtype}; "
+                "only floating-point leaves can be pruned"
+            )
 
 
 def tree_masks(
@@ -288,11 +392,16 @@ def tree_masks(
     """The mask tree of `params`: a keep mask per leaf selected by `rules`.
 
     With scope="layer" every selected leaf is masked on its own by
-    `magnitude_mask`. With scope="global" the "unstructured" leaves are ranked
-    together: with n_total their total size, the k = round(s * n_total) weights
-    of smallest importance over all of them are pruned (one threshold; ties
-    broken by leaf order, then row-major index), so layers of small weights
-    lose more than s and layers of large weights less. "channel" and "n:m"
+    `magnitude_mask`. With scope="global" the leaves of each structure in
+    `POOLED_STRUCTURES` are ranked together, one pool per structure:
+    "unstructured" leaves by weight, with n_total their total size the
+    k = round(s * n_total) weights of smallest importance over all of them
+    are pruned (one threshold; ties broken by leaf order, then row-major
+    index), so layers of small weights lose more than s and layers of large
+    weights less; "heads" (or "neurons") leaves by row group, with G_total
+    their total number of groups the k = floor(s * G_total) groups of smallest
+    norm are pruned, so a layer may lose all of its heads or none. A pool
+    needs one sparsity, importance and (groups) norm. "channel" and "n:m"
     leaves are always masked per layer.
 
     Args:
@@ -302,8 +411,8 @@ def tree_masks(
       grads: pytree like `params` with the loss gradient; required when a
         selected spec has importance="taylor".
       scope: "layer" or "global".
-      sparsity: overrides the sparsity of every "unstructured" and "channel"
-        spec; may be a traced scalar.
+      sparsity: overrides the sparsity of every spec but "n:m" ones; may be
+        a traced scalar.
 
     Returns:
       A pytree with the structure of `params`: bool keep masks at selected
@@ -318,30 +427,19 @@ def tree_masks(
     leaves = [leaf for _, leaf in leaves_with_paths]
     specs = match_rules(paths, rules, PruneSpec)
     grad_leaves = [None] * len(leaves) if grads is None else treedef.flatten_up_to(grads)
-    for path, leaf, spec in zip(paths, leaves, specs, strict=True):
-        if spec is not None and not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-            raise ValueError(
-                f"rules select '{path}' for pruning, but it has dtype {jnp.asarray(leaf).dtype}; "
-                "only floating-point leaves can be pruned"
-            )
+    _check_floating(paths, leaves, specs)
     masks: list[Any] = [None] * len(leaves)
-    pooled = [
-        i
-        for i, spec in enumerate(specs)
-        if scope == "global" and spec is not None and spec.structure == "unstructured"
-    ]
-    if pooled:
-        pooled_masks = _global_masks(
-            [leaves[i] for i in pooled],
-            [specs[i] for i in pooled],
-            [grad_leaves[i] for i in pooled],
-            [paths[i] for i in pooled],
-            sparsity,
-        )
-        for i, mask in zip(pooled, pooled_masks, strict=True):
-            masks[i] = mask
+    for structure in POOLED_STRUCTURES if scope == "global" else ():
+        pool = [i for i, spec in enumerate(specs) if spec and spec.structure == structure]
+        if pool:
+            pooled_masks = _global_masks(
+                *([values[i] for i in pool] for values in (leaves, specs, grad_leaves, paths)),
+                sparsity,
+            )
+            for i, mask in zip(pool, pooled_masks, strict=True):
+                masks[i] = mask
     for i, spec in enumerate(specs):
-        if spec is not None and i not in pooled:
+        if spec is not None and masks[i] is None:
             masks[i] = magnitude_mask(
                 leaves[i], spec, grad=grad_leaves[i], sparsity=sparsity, name=f"'{paths[i]}'"
             )

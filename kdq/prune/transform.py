@@ -7,6 +7,14 @@
                        [(r".*/kernel", PruneSpec())]),
     )
 
+Whole attention heads and MLP neurons of a transformer (`PruneSpec` structures
+"heads" and "neurons"), e.g. half the heads of width 64 and 30% of the neurons:
+
+    masked_pruning(one_shot_schedule(0.5, begin=1000),
+                   [(r".*/attn/o/kernel", PruneSpec(structure="heads", group_size=64))])
+    masked_pruning(one_shot_schedule(0.3, begin=1000),
+                   [(r".*/mlp/down/kernel", PruneSpec(structure="neurons"))])
+
 Pruning must come last in the chain: it rewrites the final updates so that
 params + updates is exactly 0.0 at every pruned weight. A transform after it
 (momentum, weight decay, a learning-rate scale) would move pruned weights off
@@ -70,9 +78,11 @@ def masked_pruning(
        there (w - w == +0.0 in IEEE arithmetic).
 
     Specs select the layers, structure, norm and importance; the schedule sets
-    the sparsity of every "unstructured" and "channel" layer, so their
-    `PruneSpec.sparsity` must be None. "n:m" layers get their fixed N:M pattern
-    at every update step. Taylor importance needs the raw loss gradient, which
+    the sparsity of every layer but the "n:m" ones ("unstructured", "channel",
+    "heads", "neurons"), so their `PruneSpec.sparsity` must be None. "n:m"
+    layers get their fixed N:M pattern at every update step. A pruned head or
+    neuron scores 0 at the next update step, so with a non-decreasing schedule
+    it stays pruned. Taylor importance needs the raw loss gradient, which
     the last transform of a chain does not see: pass it as the extra argument
     `grads` (`optax.chain` forwards it), `tx.update(g, state, params, grads=g)`.
 

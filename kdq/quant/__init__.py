@@ -3,6 +3,7 @@ quantizer modes, activation quantization, calibration, QAT state, PTQ and
 integer inference."""
 
 from kdq.quant.calibration import calibrate_activations
+from kdq.quant.contraction import ContractionLayout, check_weight_spec, contraction_layout
 from kdq.quant.integer import (
     QuantizedModel,
     fake_quant_apply,
@@ -15,6 +16,7 @@ from kdq.quant.numerics import (
     calibrate,
     dequantize,
     fake_quant,
+    group_axis,
     quantize,
     scale_from_range,
     scale_shape,
@@ -50,6 +52,7 @@ from kdq.quant.tree import dequantize_tree, fake_quant_tree, quantize_tree, tree
 __all__ = [
     "FLOAT",
     "ActQuantizer",
+    "ContractionLayout",
     "QArray",
     "QuantRecipe",
     "QuantSpec",
@@ -60,12 +63,15 @@ __all__ = [
     "apply_quantized",
     "calibrate",
     "calibrate_activations",
+    "check_weight_spec",
     "clipped_straight_through",
+    "contraction_layout",
     "dequantize",
     "dequantize_tree",
     "fake_quant",
     "fake_quant_apply",
     "fake_quant_tree",
+    "group_axis",
     "init_quant_params",
     "integer_apply",
     "is_integer_model",

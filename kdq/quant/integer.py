@@ -8,15 +8,25 @@ input. Two forward passes run it:
 * `fake_quant_apply`: float arithmetic on dequantized weights and
   fake-quantized inputs (what QAT trains);
 * `integer_apply`: for each module with a quantized input *and* weight,
-  integer operands into `lax.dot_general` / `lax.conv_general_dilated` with
+  integer operands into `jnp.einsum` / `lax.conv_general_dilated` with
   int32 accumulation, rescaled once in float32:
 
       y[r, n] = (sum_k q_x[r, k] q_w[k, n]) * (s_x[r] * s_w[n]) + b[n]
 
   s_x is one scale per tensor (static, LSQ, PACT), or, for dynamic
-  activations, one per row r of the input (any axes but the contracted one,
+  activations, one per row r of the input (any axes but the contracted ones,
   e.g. per token of a (B, T, D) input with `QuantSpec(axes=(0, 1))`; for a
-  convolution only per example, axes=(0,)).
+  convolution only per example, axes=(0,)). s_w is per tensor or per output
+  channel (any kernel axes the module does not sum over), and for Dense,
+  DenseGeneral and Einsum layers optionally per group: with the contracted
+  kernel axis split into groups G of `group_size` (the spec's grouped axis,
+  which must be one the module sums over), one int32 sum per group,
+
+      y[r, n] = s_x[r] * sum_G s_w[G, n] * (sum_{k in G} q_x[r, k] q_w[k, n]) + b[n].
+
+  Dense, DenseGeneral (any `axis`, `batch_dims`) and Einsum (any equation
+  that is one contraction of input and kernel, batch labels included) run as
+  the einsum of their `kdq.quant.contraction.contraction_layout`.
 
 Operands, exactly. Integers are stored in the narrowest container of their
 bits (`QuantSpec.dtype`: int4 for <= 4 bits, int8, int16), but the dot
@@ -25,13 +35,15 @@ int8 when both ranges fit in int8 (signed <= 8 bits, unsigned <= 7 bits),
 otherwise int16 (so 4-bit weights are widened to int8, and unsigned 8-bit
 activations, 0..255, make both operands int16). CPU / TPU accumulate in
 int32. On GPUs, convolutions run on the same integer values held in float32
-operands at full float32 precision, accumulated in float32; dense layers
-use the integer dot with int32 accumulation.
+operands at full float32 precision, accumulated in float32; Dense,
+DenseGeneral and Einsum layers use the integer dot with int32 accumulation.
 
 Exactness. Before anything is compiled, each integer module is checked:
-with K the contraction size (the kernel's size without its output axis:
-in_features for a Dense layer, kh * kw * in_channels / groups for a
-convolution) and m_x, m_w the largest |integer| of the input and weight
+with K the number of products in one accumulator (the kernel's contracted
+size: in_features for a Dense layer, the product of the contracted axes for
+DenseGeneral / Einsum, group_size times the other contracted axes for
+per-group weights, kh * kw * in_channels / groups for a convolution) and
+m_x, m_w the largest |integer| of the input and weight
 specs (2^(bits-1) signed, 2^bits - 1 unsigned), the worst-case sum
 K * m_x * m_w must fit in int32 (<= 2^31 - 1; always true when
 bits_x + bits_w + ceil(log2 K) <= 31); otherwise a ValueError names the
@@ -51,15 +63,19 @@ network such a difference can move a later input across a rounding boundary
 of its quantizer, so logits then differ by up to one quantization step of
 that layer; predictions agree (tested on the digits test set).
 
-The integer path needs zero-point-free (symmetric) quantizers and per-tensor
-or per-output-channel weight scales; anything else raises a ValueError
-saying so (use `fake_quant_apply`). A `QuantizedModel` always rounds to
-nearest: stochastic rounding is a training-time option.
+The integer path needs zero-point-free (symmetric) quantizers, activation
+scales constant along the contraction (no activation groups), and weight
+scales constant along it except for one grouped contracted axis (no groups
+in a convolution); a Linen module's output keeps its `dtype` (float32 by
+default). Anything else raises a ValueError naming the module (use
+`fake_quant_apply`). A `QuantizedModel` always rounds to nearest:
+stochastic rounding is a training-time option.
 """
 
 from __future__ import annotations
 
 import math
+import string
 from functools import partial
 from typing import Any
 
@@ -70,13 +86,19 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from kdq.quant.contraction import (
+    CONTRACTION_MODULES,
+    ContractionLayout,
+    contraction_layout,
+    weight_spec_problem,
+)
 from kdq.quant.intercept import (
     SUPPORTED_MODULES,
     module_input_interceptor,
     module_rules,
     module_state,
 )
-from kdq.quant.numerics import dequantize, fake_quant, quantize
+from kdq.quant.numerics import dequantize, fake_quant, group_axis, quantize
 from kdq.quant.qarray import QArray
 from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec
@@ -255,80 +277,111 @@ def _channels_per_slice(module: nn.Module, kernel: QArray, act_spec: QuantSpec) 
     return exact_terms // window
 
 
-def _unsupported(module: nn.Module, x: jax.Array, act_spec: QuantSpec, kernel: QArray):
+def _conv_problem(module: nn.Conv, kernel: QArray) -> str | None:
+    """What the integer convolution cannot run: grouped or per-input weight scales, padding."""
+    if kernel.spec.group_size is not None:
+        return "per-group weight scales of a convolution"
+    if any(d != 1 for d in kernel.scale.shape[:-1]):
+        return (
+            f"weight scales of shape {kernel.scale.shape} in a convolution (only per-tensor "
+            "or per-output-channel)"
+        )
+    if isinstance(module.padding, str) and module.padding.upper() not in ("SAME", "VALID"):
+        return f"Conv padding {module.padding!r} (only 'SAME', 'VALID' or explicit)"
+    return None
+
+
+def _unsupported(
+    module: nn.Module,
+    layout: ContractionLayout | None,
+    x: jax.Array,
+    act_spec: QuantSpec,
+    kernel: QArray,
+) -> str | None:
     """What the integer path cannot run in this module call, or None."""
-    contracted = {x.ndim - 1} if not isinstance(module, nn.Conv) else set(range(1, x.ndim))
-    act_axes = {a % x.ndim for a in act_spec.axes}
+    if not isinstance(module, SUPPORTED_MODULES):
+        return f"{type(module).__name__} modules"
     if not act_spec.symmetric or not kernel.spec.symmetric:
         return "zero points (symmetric=False)"
-    if kernel.spec.group_size is not None:
-        return "per-group weight scales"
     if act_spec.group_size is not None:
         return f"per-group activation scales (group_size={act_spec.group_size})"
+    conv = isinstance(module, nn.Conv)
+    contracted = set(range(1, x.ndim)) if conv else set(layout.input_contraction_axes)
+    act_axes = {a % x.ndim for a in act_spec.axes}
     if act_axes & contracted:
         return (
             f"activation scales along axes {tuple(sorted(act_axes & contracted))} of the "
             f"{x.shape} input, which the module sums over (activation axes={act_spec.axes}); "
             "scales must be constant along the contraction: per tensor, per row of a dense "
-            "layer's input (axes over its leading dimensions, e.g. per token), or per "
+            "layer's input (axes among those it does not sum over, e.g. per token), or per "
             "example of a convolution's input (axes=(0,))"
         )
-    if any(d != 1 for d in kernel.scale.shape[:-1]):
-        return (
-            f"weight scales of shape {kernel.scale.shape} (only per-tensor or per-output-channel)"
-        )
-    if isinstance(module, nn.Einsum):
-        return "Einsum modules"
-    if isinstance(module, nn.DenseGeneral) and (
-        module.axis not in (-1, (-1,)) or module.batch_dims
-    ):
-        return "DenseGeneral contracting other axes than the last"
-    if (
-        isinstance(module, nn.Conv)
-        and isinstance(module.padding, str)
-        and (module.padding.upper() not in ("SAME", "VALID"))
-    ):
-        return f"Conv padding {module.padding!r} (only 'SAME', 'VALID' or explicit)"
-    if not isinstance(module, SUPPORTED_MODULES):
-        return f"{type(module).__name__} modules"
-    return None
+    if conv:
+        return _conv_problem(module, kernel)
+    return weight_spec_problem(layout, kernel.shape, kernel.spec)
+
+
+def _accumulated_terms(module: nn.Module, layout: ContractionLayout | None, kernel: QArray) -> int:
+    """Products per int32 accumulator: the kernel's contraction size, or one group's share of it."""
+    if isinstance(module, nn.Conv):
+        return math.prod(kernel.shape[:-1])
+    sizes = {a: kernel.shape[a] for a in layout.kernel_contraction_axes}
+    grouped = group_axis(kernel.shape, kernel.spec)
+    if grouped is not None:
+        sizes[grouped] = kernel.spec.group_size
+    return math.prod(sizes.values())
+
+
+def _check_gpu_convolution(path: str, module: nn.Conv, kernel: QArray, act_spec: QuantSpec):
+    """Raises if a GPU float32 convolution can be neither exact nor split into exact slices."""
+    slices = _channels_per_slice(module, kernel, act_spec)
+    if slices is None or (module.feature_group_count == 1 and slices > 0):
+        return
+    terms = math.prod(kernel.shape[:-1])
+    m_x, m_w = _largest_level(act_spec), _largest_level(kernel.spec)
+    reason = (
+        f"a grouped convolution (feature_group_count={module.feature_group_count}) "
+        "is not split into slices"
+        if module.feature_group_count != 1
+        else f"even one input channel's {math.prod(kernel.shape[:-2])} products exceed it"
+    )
+    raise ValueError(
+        f"module {path!r}: the GPU float32 convolution is exact only while its sums "
+        f"stay within 2^24, but K={terms} products of |q_x| <= {m_x} and "
+        f"|q_w| <= {m_w} can reach {terms * m_x * m_w}, and {reason}; use fewer "
+        "bits for this layer, or fake_quant_apply"
+    )
 
 
 def _check_integer_ready(
-    path: str, module: nn.Module, x: jax.Array, act_spec: QuantSpec, kernel: QArray
+    path: str,
+    module: nn.Module,
+    layout: ContractionLayout | None,
+    x: jax.Array,
+    act_spec: QuantSpec,
+    kernel: QArray,
 ):
     """Raises a ValueError naming the module if the integer path cannot run it exactly."""
-    problem = _unsupported(module, x, act_spec, kernel)
+    problem = _unsupported(module, layout, x, act_spec, kernel)
     if problem:
         raise ValueError(
             f"the integer path does not support {problem} (module {path!r}); "
             "use fake_quant_apply, or change the recipe"
         )
-    terms = math.prod(kernel.shape[:-1]) if isinstance(module, nn.Conv) else kernel.shape[0]
+    terms = _accumulated_terms(module, layout, kernel)
+    per_group = "" if kernel.spec.group_size is None else " (one weight group)"
     m_x, m_w = _largest_level(act_spec), _largest_level(kernel.spec)
     if terms * m_x * m_w > INT32_MAX:
         raise ValueError(
-            f"module {path!r}: its int32 accumulator can overflow: K={terms} products of "
-            f"|q_x| <= {m_x} ({act_spec.bits}-bit {'signed' if act_spec.signed else 'unsigned'}"
-            f" inputs) and |q_w| <= {m_w} ({kernel.spec.bits}-bit weights) can sum to "
-            f"{terms * m_x * m_w} > 2^31 - 1; use fewer bits for this layer "
-            "(bits_x + bits_w + ceil(log2 K) <= 31 always fits), or fake_quant_apply"
+            f"module {path!r}: its int32 accumulator can overflow: K={terms} products"
+            f"{per_group} of |q_x| <= {m_x} ({act_spec.bits}-bit "
+            f"{'signed' if act_spec.signed else 'unsigned'} inputs) and |q_w| <= {m_w} "
+            f"({kernel.spec.bits}-bit weights) can sum to {terms * m_x * m_w} > 2^31 - 1; use "
+            "fewer bits for this layer (bits_x + bits_w + ceil(log2 K) <= 31 always fits), "
+            "a smaller group_size, or fake_quant_apply"
         )
     if isinstance(module, nn.Conv) and _float_convolutions():
-        slices = _channels_per_slice(module, kernel, act_spec)
-        if slices is not None and (module.feature_group_count != 1 or slices == 0):
-            reason = (
-                f"a grouped convolution (feature_group_count={module.feature_group_count}) "
-                "is not split into slices"
-                if module.feature_group_count != 1
-                else f"even one input channel's {math.prod(kernel.shape[:-2])} products exceed it"
-            )
-            raise ValueError(
-                f"module {path!r}: the GPU float32 convolution is exact only while its sums "
-                f"stay within 2^24, but K={terms} products of |q_x| <= {m_x} and "
-                f"|q_w| <= {m_w} can reach {terms * m_x * m_w}, and {reason}; use fewer "
-                "bits for this layer, or fake_quant_apply"
-            )
+        _check_gpu_convolution(path, module, kernel, act_spec)
 
 
 def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
@@ -396,33 +449,120 @@ def _integer_conv(module: nn.Conv, q_x: jax.Array, q_w: jax.Array, slice_channel
     return accumulator
 
 
-def _integer_module(module: nn.Module, x: jax.Array, kernel: QArray, x_scale: jax.Array, act_spec):
-    dtype = _operand_dtype(act_spec, kernel.spec)
-    q_x = quantize(x, act_spec, scale=x_scale).qvalue.astype(dtype)
-    q_w = kernel.qvalue.astype(dtype)
-    if isinstance(module, nn.Conv):
-        slices = None
-        if module.feature_group_count == 1:
-            slices = _channels_per_slice(module, kernel, act_spec)
-        accumulator = _integer_conv(module, q_x, q_w, slices)
-    else:
-        accumulator = lax.dot_general(
-            q_x,
-            q_w,
-            (((x.ndim - 1,), (0,)), ((), ())),
-            preferred_element_type=jnp.int32,
-        )
+def _aligned(values: jax.Array, labels: str, target: str) -> jax.Array:
+    """Per-axis values (one axis per label) arranged to broadcast against `target`'s axes.
+
+    Axes whose label is not in `target` must have size 1 (constant along the
+    contraction); they are dropped. One value in all: a scalar.
+    """
+    values = jnp.asarray(values, jnp.float32)
+    if values.size == 1:
+        return values.reshape(())
+    values = values.reshape((1,) * (len(labels) - values.ndim) + values.shape)
+    kept = [c for c in labels if c in target]
+    values = values.reshape([n for c, n in zip(labels, values.shape, strict=True) if c in target])
+    order = sorted(range(len(kept)), key=lambda i: target.index(kept[i]))
+    sizes = {kept[i]: values.shape[i] for i in order}
+    return jnp.transpose(values, order).reshape([sizes.get(c, 1) for c in target])
+
+
+def _split_groups(
+    layout: ContractionLayout, q_x: jax.Array, q_w: jax.Array, axis: int, groups: int
+) -> tuple[ContractionLayout, jax.Array, jax.Array, str]:
+    """The contraction with kernel axis `axis` split into (groups, group_size).
+
+    The group label becomes a batch label at the end of the output, so one
+    einsum gives an accumulator per group.
+
+    Returns:
+      (layout of the grouped contraction, q_x and q_w reshaped, labels of the
+      weight scale: the kernel's with the grouped axis labelled by its group).
+    """
+    label = layout.kernel_labels[axis]
+    used = layout.input_labels + layout.kernel_labels
+    group, within = [c for c in string.ascii_letters if c not in used][:2]
+
+    def split(q, position):
+        return q.reshape(q.shape[:position] + (groups, -1) + q.shape[position + 1 :])
+
+    q_x = split(q_x, layout.input_labels.index(label))
+    q_w = split(q_w, axis)
+    grouped = ContractionLayout(
+        layout.input_labels.replace(label, group + within),
+        layout.kernel_labels.replace(label, group + within),
+        layout.output_labels + group,
+    )
+    return grouped, q_x, q_w, layout.kernel_labels.replace(label, group)
+
+
+def _integer_contraction(
+    layout: ContractionLayout, q_x: jax.Array, kernel: QArray, x_scale: jax.Array
+) -> jax.Array:
+    """y = s_x s_w sum_k q_x q_w, or s_x sum_G s_w[G] sum_{k in G} q_x q_w (int32 sums)."""
+    q_w = kernel.qvalue.astype(q_x.dtype)
+    output = layout.output_labels
+    x_scale = _aligned(x_scale, layout.input_labels, output)
+    grouped = group_axis(kernel.shape, kernel.spec)
+    if grouped is None:
+        accumulator = jnp.einsum(layout.equation, q_x, q_w, preferred_element_type=jnp.int32)
+        w_scale = _aligned(kernel.scale, layout.kernel_labels, output)
+        return accumulator.astype(jnp.float32) * (x_scale * w_scale)
+    groups = kernel.scale.shape[grouped]
+    split, q_x, q_w, scale_labels = _split_groups(layout, q_x, q_w, grouped, groups)
+    accumulator = jnp.einsum(split.equation, q_x, q_w, preferred_element_type=jnp.int32)
+    w_scale = _aligned(kernel.scale, scale_labels, split.output_labels)
+    return jnp.sum(accumulator.astype(jnp.float32) * w_scale, axis=-1) * x_scale
+
+
+def _integer_convolution(module: nn.Conv, q_x: jax.Array, kernel: QArray, x_scale, act_spec):
+    """y = s_x s_w conv(q_x, q_w), the int32 convolution rescaled once."""
+    slices = None
+    if module.feature_group_count == 1:
+        slices = _channels_per_slice(module, kernel, act_spec)
+    accumulator = _integer_conv(module, q_x, kernel.qvalue.astype(q_x.dtype), slices)
     w_scale = kernel.scale.reshape(kernel.scale.shape[-1:])
-    # Per tensor: a scalar. Per row: shape (..., 1), size 1 on the contracted axes.
+    # Per tensor: a scalar. Per example: shape (B, 1, ..., 1).
     x_scale = jnp.asarray(x_scale, jnp.float32)
     if x_scale.size == 1:
         x_scale = x_scale.reshape(())
-    else:  # one trailing size-1 axis per output axis of the module beyond the input's
-        x_scale = x_scale.reshape(x_scale.shape + (1,) * (accumulator.ndim - x_scale.ndim))
     y = accumulator.astype(jnp.float32) * (x_scale * w_scale)
     if module.use_bias:
         y = y + module.get_variable("params", "bias")
     return y
+
+
+def _integer_module(
+    module: nn.Module,
+    layout: ContractionLayout | None,
+    x: jax.Array,
+    kernel: QArray,
+    x_scale: jax.Array,
+    act_spec: QuantSpec,
+) -> jax.Array:
+    """The module's output from integer operands, in the module's dtype (float32 by default)."""
+    dtype = _operand_dtype(act_spec, kernel.spec)
+    q_x = quantize(x, act_spec, scale=x_scale).qvalue.astype(dtype)
+    if isinstance(module, nn.Conv):
+        y = _integer_convolution(module, q_x, kernel, x_scale, act_spec)
+    else:
+        y = _integer_contraction(layout, q_x, kernel, x_scale)
+        if module.use_bias:
+            bias = module.get_variable("params", "bias")
+            y = y + _aligned(bias, layout.bias_labels, layout.output_labels)
+    return y if module.dtype is None else y.astype(module.dtype)
+
+
+def _call_layout(path: str, module: nn.Module, args, call_kwargs) -> ContractionLayout | None:
+    """The contraction of a non-convolution module call (None for a convolution)."""
+    if isinstance(module, nn.Conv) or not isinstance(module, CONTRACTION_MODULES):
+        return None
+    einsum_str = call_kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+    try:
+        return contraction_layout(module, args[0].shape, einsum_str)
+    except ValueError as error:
+        raise ValueError(
+            f"the integer path cannot run module {path!r}: {error}; use fake_quant_apply"
+        ) from None
 
 
 def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwargs) -> Any:
@@ -469,9 +609,10 @@ def _apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, *, integer: b
             x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
             return next_fun(x_hat, *args[1:], **call_kwargs)
         kernel = module.get_variable("params", "kernel")
-        _check_integer_ready(path, module, args[0], spec, kernel)
+        layout = _call_layout(path, module, args, call_kwargs)
+        _check_integer_ready(path, module, layout, args[0], spec, kernel)
         scale, _ = _input_scale(qmodel, path, args[0], spec)
-        return _integer_module(module, args[0], kernel, scale, spec)
+        return _integer_module(module, layout, args[0], kernel, scale, spec)
 
     with nn.intercept_methods(module_input_interceptor(qmodel.recipe.act_rules, call)):
         return model.apply({"params": params, **qmodel.model_state}, x, **kwargs)

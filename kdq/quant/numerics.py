@@ -58,17 +58,8 @@ _MSE_RATIOS = np.arange(1, 101, dtype=np.float32) / np.float32(100)
 _SMALLEST_SCALE = float(np.finfo(np.float32).tiny)
 
 
-def scale_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
-    """The shape of the scale (and zero point) for an array of `shape`.
-
-    Args:
-      shape: shape of the array to quantize.
-      spec: the quantizer.
-
-    Returns:
-      A tuple of len(shape): shape[a] on kept axes, 1 on reduced axes,
-      shape[g] // group_size on the grouped axis g (the last reduced axis).
-    """
+def _kept_axes(shape: tuple[int, ...], spec: QuantSpec) -> list[int]:
+    """`spec.axes` as non-negative axes of an array of `shape`; ValueError if invalid."""
     ndim = len(shape)
     kept = []
     for axis in spec.axes:
@@ -81,15 +72,58 @@ def scale_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
         raise ValueError(
             f"axes={spec.axes} names the same axis twice for an array of shape {shape}"
         )
+    return kept
+
+
+def group_axis(shape: tuple[int, ...], spec: QuantSpec) -> int | None:
+    """The axis `spec.group_size` splits into groups: the last axis not in `spec.axes`.
+
+    For a Dense kernel (in, out) or a Conv kernel (..., in, out) with
+    axes=(-1,) it is the input (contraction) axis; for other kernels see
+    `kdq.quant.contraction`.
+
+    Args:
+      shape: shape of the array to quantize.
+      spec: the quantizer.
+
+    Returns:
+      The non-negative grouped axis, or None when `spec.group_size` is None.
+
+    Raises:
+      ValueError: `spec.axes` is out of range or repeats an axis, or the spec
+        keeps every axis (nothing left to group).
+
+    >>> group_axis((16, 4, 8), QuantSpec(bits=4, axes=(1, 2), group_size=8))
+    0
+    """
+    kept = _kept_axes(shape, spec)
+    if spec.group_size is None:
+        return None
+    reduced = [a for a in range(len(shape)) if a not in kept]
+    if not reduced:
+        raise ValueError(
+            f"group_size={spec.group_size} needs an axis to group, but axes={spec.axes} "
+            f"keeps every axis of shape {shape}"
+        )
+    return reduced[-1]
+
+
+def scale_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
+    """The shape of the scale (and zero point) for an array of `shape`.
+
+    Args:
+      shape: shape of the array to quantize.
+      spec: the quantizer.
+
+    Returns:
+      A tuple of len(shape): shape[a] on kept axes, 1 on reduced axes,
+      shape[g] // group_size on the grouped axis g (`group_axis`, the last
+      reduced axis).
+    """
+    kept = _kept_axes(shape, spec)
     result = [n if a in kept else 1 for a, n in enumerate(shape)]
-    if spec.group_size is not None:
-        reduced = [a for a in range(ndim) if a not in kept]
-        if not reduced:
-            raise ValueError(
-                f"group_size={spec.group_size} needs an axis to group, but axes={spec.axes} "
-                f"keeps every axis of shape {shape}"
-            )
-        axis = reduced[-1]
+    axis = group_axis(shape, spec)
+    if axis is not None:
         if shape[axis] % spec.group_size:
             raise ValueError(
                 f"group_size={spec.group_size} does not divide axis {axis} of size "

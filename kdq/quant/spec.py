@@ -42,9 +42,13 @@ class QuantSpec:
       axes: axes that keep their own scale; all other axes are reduced.
         `()` is per-tensor, `(-1,)` per output channel of a Dense kernel
         `(in, out)` or a Conv kernel `(..., in, out)`.
-      group_size: split the contraction axis into groups of this many elements,
-        each with its own scale (sub-channel quantization). The contraction
-        axis is the last axis not in `axes`.
+      group_size: split the grouped axis into groups of this many elements,
+        each with its own scale (sub-channel quantization). The grouped axis
+        is the last axis not in `axes` (`kdq.quant.group_axis`): the
+        contraction axis of a Dense or Conv kernel with axes=(-1,); for a
+        DenseGeneral or Einsum kernel, keep its output axes
+        (`kdq.quant.contraction_layout(...).kernel_output_axes`) to group
+        its last contracted axis.
       calibration: how the range is chosen from the data:
         "absmax" (max |x|, or [-max|x|, max|x|] when affine), "minmax"
         ([min x, max x]), "percentile,<p>" (p-th percentile of |x|, or the

@@ -29,6 +29,7 @@ from kdq.quant.qat import LSQ_INITS
 from kdq.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
 from kdq.quant.recipe import DEFAULT_PACT_ALPHA_DECAY, QuantRecipe
 from kdq.rules import PathRules, tree_paths
+from kdq.sharding import PARAM_RULES
 from kdq.tasks import TASKS
 
 # The entry points a config is written for (`config.entry_point`).
@@ -75,13 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.quant = _quant_section()
     config.prune = _prune_section()
     config.optimizer = _optimizer_section()
-    # Devices: a ("data", "model") mesh; the batch is split over "data", the
-    # state replicated except leaves matched by param_rules, a list of
-    # (regex over state paths, partition spec tuple), e.g.
-    # [("params/.*/kernel", (None, "model"))] with model_parallel = 2.
-    config.sharding = ml_collections.ConfigDict(
-        {"num_devices": 0, "model_parallel": 1, "param_rules": ()}
-    )
+    config.sharding = _sharding_section()
     # Multi-host jobs (cloud TPU pods): experiments/main.py then calls
     # jax.distributed.initialize() before anything else.
     config.distributed = False
@@ -93,6 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
     # imagenet2012); per-channel mean/std normalisation of catalog datasets.
     config.image_size = 0
     config.normalize = False
+    # Tokens per window of a text dataset (language modelling: the model reads
+    # seq_len tokens and predicts the next seq_len); 0 for other datasets.
+    config.seq_len = 0
+    config.generated = _generated_section()
     # standard=True: the dataset's usual training augmentation (CIFAR crop +
     # flip, ImageNet Inception crop + flip) instead of the fields below.
     config.augment = ml_collections.ConfigDict(
@@ -104,6 +103,33 @@ def default_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.progress = True
     return config
+
+
+def _sharding_section() -> ml_collections.ConfigDict:
+    """Devices: a ("data", "model") mesh; the batch is split over "data".
+
+    The state is replicated except the leaves matched by `param_rules`, a list
+    of (regex over state paths, partition spec tuple), e.g.
+    [("params/.*/kernel", (None, "model"))] with model_parallel = 2, and then
+    by the transformer rules of `strategy` ("none", "fsdp" or "tensor",
+    `kdq.sharding.PARAM_RULES`); the first matching rule wins.
+    """
+    return ml_collections.ConfigDict(
+        {"num_devices": 0, "model_parallel": 1, "param_rules": (), "strategy": "none"}
+    )
+
+
+def _generated_section() -> ml_collections.ConfigDict:
+    """Generated training text for language models; source "none" disables it.
+
+    A `fraction` of training batches keep the first `prompt_len` tokens of each
+    window and the rest is sampled ("student": on-policy distillation, GKD;
+    "teacher": sequence-level KD) at `temperature` from the `top_k` likeliest
+    tokens (0: all); see `kdq.train.lm`.
+    """
+    return ml_collections.ConfigDict(
+        {"source": "none", "fraction": 0.5, "prompt_len": 32, "temperature": 1.0, "top_k": 0}
+    )
 
 
 def _quant_section() -> ml_collections.ConfigDict:
@@ -131,6 +157,12 @@ def _quant_section() -> ml_collections.ConfigDict:
             # starts from the PTQ model with no weight clipped) or "paper"
             # (2 <|v|> / sqrt(Q_P), Esser et al. 2020).
             "lsq_init": "calibration",
+            # Weight scales per group of this many contraction-axis entries (0:
+            # one scale per output channel, or per tensor without per_channel).
+            "group_size": 0,
+            # One activation scale per (example, token) row of a (B, T, D)
+            # input, from the current batch (act_mode "dynamic" only).
+            "act_per_token": False,
         }
     )
 
@@ -154,6 +186,8 @@ def _prune_section() -> ml_collections.ConfigDict:
             "begin": 0,
             "end": 200,  # polynomial: sparsity reaches its final value here
             "frequency": 20,
+            # heads / neurons: rows pruned together (a head's width; 0: one row).
+            "group_size": 0,
         }
     )
 
@@ -223,12 +257,19 @@ def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
             if quant.edge_layers:
                 edge_spec = QuantSpec(bits=8, axes=axes, calibration=quant.calibration)
                 weight_rules.append((f"({quant.edge_layers})/kernel", edge_spec))
-            spec = QuantSpec(bits=quant.weight_bits, axes=axes, calibration=quant.calibration)
+            spec = QuantSpec(
+                bits=quant.weight_bits,
+                axes=axes,
+                group_size=quant.group_size or None,
+                calibration=quant.calibration,
+            )
             weight_rules.append((quant.weight_regex, spec))
         if quant.act_bits:
+            act_axes = (0, 1) if quant.act_per_token else ()
             if quant.edge_layers:
-                act_rules.append((quant.edge_layers, QuantSpec(bits=8, signed=quant.act_signed)))
-            act_spec = QuantSpec(bits=quant.act_bits, signed=quant.act_signed)
+                edge_act = QuantSpec(bits=8, signed=quant.act_signed, axes=act_axes)
+                act_rules.append((quant.edge_layers, edge_act))
+            act_spec = QuantSpec(bits=quant.act_bits, signed=quant.act_signed, axes=act_axes)
             act_rules.append((quant.act_regex, act_spec))
         return QuantRecipe(
             weight_rules=weight_rules,
@@ -240,7 +281,7 @@ def quant_recipe(config: ml_collections.ConfigDict) -> QuantRecipe:
 
 
 def _sparsity_schedule(prune: ml_collections.ConfigDict) -> SparsitySchedule:
-    """The schedule of "unstructured" / "channel" pruning: one-shot or polynomial."""
+    """The schedule of every structure but "n:m": one-shot or polynomial."""
     if prune.schedule == "one_shot":
         return one_shot_schedule(prune.sparsity, begin=prune.begin)
     if prune.schedule == "polynomial":
@@ -257,7 +298,9 @@ def _sparsity_schedule(prune: ml_collections.ConfigDict) -> SparsitySchedule:
 def pruning(config: ml_collections.ConfigDict) -> Pruning | None:
     """The pruning a config asks for, or None when config.prune.structure is "none".
 
-    "unstructured" and "channel" pruning reach config.prune.sparsity on the
+    "unstructured", "channel", "heads" and "neurons" pruning (the last two:
+    groups of config.prune.group_size rows of the selected kernels, see
+    `kdq.prune.PruneSpec`) reach config.prune.sparsity on the
     one-shot or polynomial schedule; "n:m" applies its fixed pattern (sparsity
     1 - n/m) at every step from config.prune.begin on. The one rule selects
     "params/(<config.prune.regex>)" of the trainable tree, so only the
@@ -280,7 +323,11 @@ def pruning(config: ml_collections.ConfigDict) -> Pruning | None:
             spec = PruneSpec(structure="n:m", n=prune.n, m=prune.m, importance=prune.importance)
             schedule = one_shot_schedule(0.0, begin=prune.begin)
         else:
-            spec = PruneSpec(structure=prune.structure, importance=prune.importance)
+            spec = PruneSpec(
+                structure=prune.structure,
+                importance=prune.importance,
+                group_size=prune.group_size or None,
+            )
             schedule = _sparsity_schedule(prune)
         return Pruning(schedule, ((f"params/({prune.regex})", spec),), prune.scope)
 
@@ -365,6 +412,12 @@ FIELDS: dict[str, Field] = {
     "num_steps": _COUNT,
     "eval_batch_size": _COUNT,
     "image_size": Field("int", low=0, note="0 keeps the dataset's own size"),
+    "seq_len": Field("int", low=0, note="tokens per window of a text dataset; 0 otherwise"),
+    "generated.source": Field("choice", choices=("none", "student", "teacher")),
+    "generated.fraction": Field("float", low=0, high=1, low_open=True),
+    "generated.prompt_len": _COUNT,
+    "generated.temperature": Field("float", low=0, low_open=True),
+    "generated.top_k": Field("int", low=0, note="0 samples from the whole vocabulary"),
     "normalize": _FLAG,
     "log_every": _COUNT,
     "checkpoint_every": _COUNT,
@@ -376,6 +429,7 @@ FIELDS: dict[str, Field] = {
     "augment.inception_crop": _FLAG,
     "sharding.num_devices": Field("int", low=0, note="0 uses every device"),
     "sharding.model_parallel": _COUNT,
+    "sharding.strategy": Field("choice", choices=PARAM_RULES),
     "quant.weight_bits": Field("int", low=0, high=16, note="0 keeps weights float"),
     "quant.weight_regex": _TEXT,
     "quant.per_channel": _FLAG,
@@ -390,6 +444,8 @@ FIELDS: dict[str, Field] = {
     "quant.edge_layers": _TEXT,
     "quant.pact_alpha_decay": Field("float", low=0, note="act_mode 'pact' only"),
     "quant.lsq_init": Field("choice", choices=LSQ_INITS),
+    "quant.group_size": Field("int", low=0, note="0: per channel or per tensor"),
+    "quant.act_per_token": _FLAG,
     "prune.structure": Field("choice", choices=("none", *STRUCTURES)),
     "prune.sparsity": Field("float", low=0, high=1, high_open=True),
     "prune.n": _COUNT,
@@ -401,6 +457,7 @@ FIELDS: dict[str, Field] = {
     "prune.begin": _STEP,
     "prune.end": _STEP,
     "prune.frequency": _COUNT,
+    "prune.group_size": Field("int", low=0, note="heads: the head width; 0: one row"),
     "optimizer.name": Field("choice", choices=("adamw", "adam", "sgd")),
     "optimizer.learning_rate": Field("float", low=0, low_open=True),
     "optimizer.quant_learning_rate": Field(
@@ -517,14 +574,27 @@ def _check_dependent_fields(config: ml_collections.ConfigDict) -> None:
             f"config.prune.n must be <= config.prune.m (n non-zeros in every group of m), "
             f"got n={prune.n}, m={prune.m}"
         )
-    if (
-        prune.structure in ("unstructured", "channel")
-        and prune.schedule == "polynomial"
-        and (prune.end <= prune.begin)
-    ):
+    if prune.structure != "n:m" and prune.schedule == "polynomial" and (prune.end <= prune.begin):
         raise ValueError(
             f"config.prune.end must be > config.prune.begin (a gradual schedule), got "
             f"begin={prune.begin}, end={prune.end}; use schedule='one_shot' to prune at once"
+        )
+    quant = config.quant
+    if quant.act_per_token and quant.act_bits and quant.act_mode != "dynamic":
+        raise ValueError(
+            f"config.quant.act_per_token=True needs act_mode='dynamic' (a scale per token of "
+            f"the current batch), got act_mode={quant.act_mode!r}"
+        )
+    if quant.group_size and quant.weight_bits and not quant.per_channel:
+        raise ValueError(
+            f"config.quant.group_size={quant.group_size} needs per_channel=True (groups split "
+            "each output channel's contraction axis)"
+        )
+    generated = config.generated
+    if generated.source != "none" and generated.prompt_len >= config.seq_len:
+        raise ValueError(
+            f"config.generated.prompt_len={generated.prompt_len} must be < config.seq_len="
+            f"{config.seq_len}: the text after the prompt is generated"
         )
     act_calibration = config.quant.act_calibration
     if act_calibration != "ema" and _spec_calibration(act_calibration) not in (

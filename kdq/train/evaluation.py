@@ -25,6 +25,7 @@ from kdq.data import eval_batches
 from kdq.models import count_params
 from kdq.quant import integer_apply, is_integer_model, to_quantized_model
 from kdq.report import bits_summary, provenance
+from kdq.train.lm import generation_speed, is_language_model
 from kdq.train.metrics import MetricWriter
 from kdq.train.setup import Setup
 from kdq.train.state import TrainState
@@ -186,6 +187,7 @@ def finish_run(
         {f"{name}/{k}": v for name, metrics in results.items() for k, v in metrics.items()},
     )
     report = {
+        "task": config.task,
         "model": config.model.name,
         "dataset": setup.dataset.name,
         "params": count_params(state.params),
@@ -198,6 +200,8 @@ def finish_run(
         report["sparsity"] = setup.pruning.sparsity(state.params)
     progress.set_description(f"{run}: export")
     report.update(export_and_evaluate(config, workdir, setup, state))
+    if is_language_model(setup):
+        report.update(generation_speed(setup, state))
     report["provenance"] = provenance()
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -30,9 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kdq import checkpoint
 from kdq.data import Dataset, train_batches
-from kdq.sharding import DATA_AXIS, shard_batch, tree_shardings
+from kdq.sharding import DATA_AXIS, PARAM_RULES, shard_batch, tree_shardings
 from kdq.train.config import validate
 from kdq.train.evaluation import check_integer_path, finish_run, progress_bar
+from kdq.train.lm import GeneratedBatches, check_sequence_models
 from kdq.train.metrics import MetricWriter
 from kdq.train.setup import Setup, build, create_train_state
 from kdq.train.state import TrainState
@@ -109,12 +110,16 @@ def _train(config, setup: Setup, state, train_step, checkpoints, writer, progres
         start_step=start_step,
         augment=setup.augment,
     )
+    generated = None
+    if config.generated.source != "none":
+        generated = GeneratedBatches.from_config(config, setup)
     progress.update(start_step)
     checked_step, pending, window_start = start_step, [], time.perf_counter()
     for step in range(start_step + 1, config.num_steps + 1):
-        state, metrics = train_step(
-            state, setup.teacher_variables, shard_batch(next(batches), setup.mesh)
-        )
+        batch = next(batches)
+        if generated is not None:
+            batch = generated(step, state, setup.teacher_variables, batch)
+        state, metrics = train_step(state, setup.teacher_variables, shard_batch(batch, setup.mesh))
         pending.append(metrics)
         saves = step % config.checkpoint_every == 0 or step == config.num_steps
         if step % config.log_every and not saves:
@@ -153,10 +158,12 @@ def _prepare(config, dataset) -> tuple[Setup, TrainState, Any]:
     trace and the run's steps are not traced again.
     """
     setup = build(config, dataset)
+    check_sequence_models(config, setup)
     state = create_train_state(config, setup)
     check_integer_path(setup, state, config.batch_size)
     mesh = setup.mesh
-    state = jax.device_put(state, tree_shardings(state, mesh, list(config.sharding.param_rules)))
+    rules = [*config.sharding.param_rules, *PARAM_RULES[config.sharding.strategy]]
+    state = jax.device_put(state, tree_shardings(state, mesh, rules))
     setup = dataclasses.replace(
         setup,
         teacher_variables=jax.device_put(

@@ -95,7 +95,10 @@ def _dataset(config: ml_collections.ConfigDict, dataset: Dataset | None) -> Data
     """The config's dataset (or the given one), normalised when config.normalize."""
     if dataset is None:
         dataset = load_dataset(
-            config.dataset, data_dir=config.data_dir or None, image_size=config.image_size or None
+            config.dataset,
+            data_dir=config.data_dir or None,
+            image_size=config.image_size or None,
+            seq_len=config.seq_len or None,
         )
     check_dataset(dataset)
     if config.normalize:
@@ -135,6 +138,25 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return mesh
 
 
+def check_sequence_length(
+    config: ml_collections.ConfigDict, section: str, model: nn.Module
+) -> None:
+    """ValueError unless a model with a `max_len` can read config.seq_len tokens.
+
+    Args:
+      config: the run's config.
+      section: "model" or "teacher", the config section of `model`.
+      model: the built model.
+    """
+    max_len = getattr(model, "max_len", None)
+    if config.seq_len and max_len is not None and config.seq_len > max_len:
+        raise ValueError(
+            f"config.seq_len={config.seq_len} is longer than config.{section} "
+            f"{config[section].name!r} can read (max_len={max_len}); lower config.seq_len "
+            f"or raise config.{section}.options.max_len"
+        )
+
+
 def load_teacher(config: ml_collections.ConfigDict, setup: Setup) -> tuple[nn.Module, Any]:
     """The teacher model of config.teacher and its variables, restored from its run's export."""
     section = config.teacher
@@ -145,6 +167,7 @@ def load_teacher(config: ml_collections.ConfigDict, setup: Setup) -> tuple[nn.Mo
             f"workdir={section.workdir!r})"
         )
     teacher = config_lib.build_model(section, setup.task.num_outputs(setup.dataset))
+    check_sequence_length(config, "teacher", teacher)
     template = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), setup.example_inputs(1))
     return teacher, checkpoint.load_float_variables(section.workdir, template)
 
@@ -171,6 +194,7 @@ def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> 
     mesh = _mesh(config)
     dataset = _dataset(config, dataset)
     student = config_lib.build_model(config.model, task.num_outputs(dataset))
+    check_sequence_length(config, "model", student)
     setup = Setup(
         dataset, task, student, objective, recipe, pruning, None, mesh, _augment(config, dataset)
     )

@@ -1,3 +1,6 @@
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,6 +8,7 @@ import pytest
 
 from kdq.distill import losses
 from kdq.distill.objective import Objective
+from kdq.distill.taps import apply_with_taps
 
 
 def _log_softmax(z):
@@ -224,4 +228,218 @@ def test_where_must_be_a_boolean_mask_of_the_labels_shape(where):
     ):
         objective(
             {}, student_logits=s, teacher_logits=None, labels=np.zeros((2, 3), int), where=where
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Language-model terms: per-token divergences and token feature terms.
+# ---------------------------------------------------------------------------------------
+
+
+def _numpy_kl(p, q):
+    return (p * (np.log(p) - np.log(q))).sum(-1)
+
+
+def _numpy_softmax(z):
+    return np.exp(_log_softmax(np.float64(z)))
+
+
+TOKEN_MASK = np.array([[True, True, False, True], [False, False, False, False], [True] * 4])
+
+
+def test_lm_divergence_terms_average_over_valid_tokens():
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(3, 4, 6)).astype(np.float32) * 2
+    t = rng.normal(size=(3, 4, 6)).astype(np.float32) * 2
+    labels = rng.integers(0, 6, size=(3, 4))
+    objective = Objective.from_config(
+        {
+            "jsd": {"weight": 0.5, "beta": 0.2, "temperature": 2.0},
+            "rkl": {"kind": "reverse_kl", "weight": 2.0},
+            "tv": {"kind": "total_variation"},
+        }
+    )
+    loss, metrics = objective(
+        {}, student_logits=s, teacher_logits=t, labels=labels, where=TOKEN_MASK
+    )
+    p, q = _numpy_softmax(t[TOKEN_MASK]), _numpy_softmax(s[TOKEN_MASK])
+    p2, q2 = _numpy_softmax(t[TOKEN_MASK] / 2), _numpy_softmax(s[TOKEN_MASK] / 2)
+    m = 0.2 * p2 + 0.8 * q2
+    jsd = (4 * (0.2 * _numpy_kl(p2, m) + 0.8 * _numpy_kl(q2, m))).mean()
+    rkl = _numpy_kl(q, p).mean()
+    tv = (0.5 * np.abs(p - q).sum(-1)).mean()
+    np.testing.assert_allclose(metrics["loss/jsd"], jsd, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/rkl"], rkl, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/tv"], tv, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.5 * jsd + 2.0 * rkl + tv, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("forward_kl", "['weight', 'temperature']"),
+        ("jsd", "['weight', 'beta', 'temperature']"),
+        ("skew_kl", "['weight', 'alpha', 'temperature']"),
+        ("skew_reverse_kl", "['weight', 'alpha', 'temperature']"),
+    ],
+)
+def test_lm_divergence_options_are_listed(kind, options):
+    message = f"has no option 'gamma'; its options are {options}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Objective.from_config({kind: {"gamma": 1.0}})
+
+
+def test_lm_divergence_option_errors_name_the_term():
+    objective = Objective.from_config({"gkd": {"kind": "jsd", "beta": 2.0}})
+    s = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"loss term 'gkd' \(jsd\): beta must be a number in"):
+        objective({}, student_logits=s, teacher_logits=s, labels=np.zeros((2, 3), int))
+
+
+class _QKV(nn.Module):
+    """A tiny model whose q, k, v projections are tappable, as in kdq's transformers."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = (nn.Dense(self.width, use_bias=False, name=n)(x) for n in "qkv")
+        return q + k + v
+
+
+def _qkv_features(width, seed, x):
+    model = _QKV(width)
+    variables = model.init(jax.random.PRNGKey(seed), x)
+    _, feats, _ = apply_with_taps(model, variables, x, taps=["q", "k", "v"])
+    return {tap: np.asarray(f) for tap, f in feats.items()}
+
+
+def _numpy_relation_kl(s, t, heads, keys):
+    """Mean over heads of KL(R_t || R_s) per query of one (T, D) example, over `keys`."""
+
+    def relations(x):
+        x = np.float64(x[keys]).reshape(len(keys), heads, -1).transpose(1, 0, 2)
+        scores = x @ x.transpose(0, 2, 1) / np.sqrt(x.shape[-1])
+        return np.exp(_log_softmax(scores))
+
+    return _numpy_kl(relations(t), relations(s)).mean(0)
+
+
+TOKEN_CONFIG = {
+    "hid": {"kind": "hidden", "weight": 0.5, "student": "v", "teacher": "v"},
+    "rel": {
+        "kind": "attention_relation",
+        "weight": 2.0,
+        "num_relation_heads": 2,
+        "student": "q",
+        "teacher": "k",
+    },
+}
+
+
+def test_token_feature_terms_across_widths_average_over_valid_tokens():
+    x = np.random.default_rng(4).normal(size=(3, 4, 5)).astype(np.float32)
+    student, teacher = _qkv_features(4, 0, x), _qkv_features(6, 1, x)
+    objective = Objective.from_config(TOKEN_CONFIG)
+    assert objective.student_taps == ("v", "q") and objective.teacher_taps == ("v", "k")
+    params = objective.init_params(jax.random.PRNGKey(2), student, teacher)
+    assert params["hid"]["kernel"].shape == (4, 6) and "rel" not in params
+    logits = np.zeros((3, 4, 7), np.float32)
+    loss, metrics = jax.jit(
+        lambda p, sf, tf: objective(
+            p,
+            student_logits=logits,
+            teacher_logits=logits,
+            labels=np.zeros((3, 4), int),
+            where=TOKEN_MASK,
+            student_features=sf,
+            teacher_features=tf,
+        )
+    )(params, student, teacher)
+    kernel, bias = np.asarray(params["hid"]["kernel"]), np.asarray(params["hid"]["bias"])
+    hidden = ((student["v"] @ kernel + bias - teacher["v"]) ** 2).mean(-1)[TOKEN_MASK].mean()
+    relation = np.concatenate(
+        [
+            _numpy_relation_kl(student["q"][b], teacher["k"][b], 2, np.flatnonzero(row))
+            for b, row in enumerate(TOKEN_MASK)
+            if row.any()
+        ]
+    ).mean()
+    np.testing.assert_allclose(metrics["loss/hid"], hidden, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/rel"], relation, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.5 * hidden + 2.0 * relation, rtol=1e-5)
+
+
+def test_token_feature_terms_with_one_label_per_example_use_every_token_of_valid_examples():
+    x = np.random.default_rng(5).normal(size=(3, 4, 5)).astype(np.float32)
+    student, teacher = _qkv_features(4, 0, x), _qkv_features(4, 1, x)
+    objective = Objective.from_config(
+        {"rel": {"kind": "attention_relation", **TOKEN_CONFIG["rel"]}}
+    )
+    examples = np.array([True, False, True])
+    _, metrics = objective(
+        {},
+        student_logits=np.zeros((3, 7), np.float32),
+        teacher_logits=np.zeros((3, 7), np.float32),
+        labels=np.zeros(3, int),
+        where=examples,
+        student_features=student,
+        teacher_features=teacher,
+    )
+    every_token = np.arange(4)
+    relation = np.concatenate(
+        [_numpy_relation_kl(student["q"][b], teacher["k"][b], 2, every_token) for b in (0, 2)]
+    ).mean()
+    np.testing.assert_allclose(metrics["loss/rel"], relation, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("student_shape", "teacher_shape", "options", "match"),
+    [
+        ((2, 4, 8), (2, 5, 8), {}, r"same batch and token axes"),
+        ((2, 4, 8), (2, 4, 6), {"num_relation_heads": 4}, r"6 channels, not divisible by"),
+        ((2, 8), (2, 8), {}, r"must have rank 3 \(batch, tokens, channels\)"),
+    ],
+)
+def test_token_feature_shapes_are_checked_at_init_naming_taps(
+    student_shape, teacher_shape, options, match
+):
+    objective = Objective.from_config(
+        {"rel": {"kind": "attention_relation", "student": "s/q", "teacher": "t/q", **options}}
+    )
+    names = re.escape(
+        f"loss term 'rel' (attention_relation) cannot match student feature 's/q' of shape "
+        f"{student_shape} with teacher feature 't/q' of shape {teacher_shape}: "
+    )
+    with pytest.raises(ValueError, match=names + ".*" + match):
+        objective.init_params(
+            jax.random.PRNGKey(0),
+            {"s/q": jax.ShapeDtypeStruct(student_shape, jnp.float32)},
+            {"t/q": jax.ShapeDtypeStruct(teacher_shape, jnp.float32)},
+        )
+
+
+def test_hidden_term_needs_taps_and_takes_no_options():
+    with pytest.raises(ValueError, match=r"feature loss term 'hidden' \(hidden\) needs 'student'"):
+        Objective.from_config({"hidden": {"student": "v"}})
+    with pytest.raises(
+        ValueError, match=r"has no option 'p'; its options are \['weight', 'student', 'teacher'\]"
+    ):
+        Objective.from_config({"hidden": {"student": "v", "teacher": "v", "p": 2.0}})
+
+
+def test_token_features_must_match_the_labels_shape():
+    objective = Objective.from_config({"hidden": {"student": "v", "teacher": "v"}})
+    feats = {"v": np.zeros((2, 3, 4), np.float32)}
+    params = objective.init_params(jax.random.PRNGKey(0), feats, feats)
+    with pytest.raises(
+        ValueError, match=r"loss term 'hidden' \(hidden\): token features 'v' of shape \(2, 3, 4\)"
+    ):
+        objective(
+            params,
+            student_logits=np.zeros((2, 5, 6), np.float32),
+            teacher_logits=np.zeros((2, 5, 6), np.float32),
+            labels=np.zeros((2, 5), int),
+            student_features=feats,
+            teacher_features=feats,
         )

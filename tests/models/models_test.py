@@ -47,7 +47,9 @@ def test_logits_shape(name):
 
 
 def test_unknown_model_name_lists_known_models():
-    with pytest.raises(ValueError, match=r"unknown model name='resnet9000'.*'cnn', 'mlp'"):
+    with pytest.raises(
+        ValueError, match=r"unknown model name='resnet9000'.*'cnn', 'encoder_small'"
+    ):
         create_model("resnet9000", num_classes=10)
 
 

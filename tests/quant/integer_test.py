@@ -112,14 +112,16 @@ def test_unsupported_recipes_are_named(digits):
     calibration, _ = digits
     model = create_model("mlp", num_classes=10)
     variables = model.init(jax.random.PRNGKey(0), calibration[0])
+    # Groups of one scale along the output axis (axes=()) do not factor out of the sum.
     grouped = QuantRecipe(
-        weight_rules=[(".*kernel", QuantSpec(bits=4, axes=(-1,), group_size=16))],
+        weight_rules=[("Dense_0/kernel", QuantSpec(bits=4, group_size=16))],
         act_rules=[(".*", QuantSpec(bits=8))],
         act_mode="static",
     )
     qmodel = ptq(model, variables, calibration, grouped)
     with pytest.raises(
-        ValueError, match=r"does not support per-group weight scales \(module 'Dense_0'\)"
+        ValueError,
+        match=r"does not support weight groups along kernel axis 1 .*\(module 'Dense_0'\)",
     ):
         integer_apply(model, qmodel, calibration[0])
     affine = QuantRecipe(

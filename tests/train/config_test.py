@@ -79,7 +79,9 @@ def test_messages_say_what_is_accepted():
     assert describe["optimizer.learning_rate"] == "a finite number > 0"
     assert describe["optimizer.momentum"] == "a finite number in [0, 1) (sgd only)"
     assert describe["optimizer.grad_clip_norm"] == "a finite number >= 0 (0 disables clipping)"
-    assert describe["task"] == "one of ['classification']"
+    assert (
+        describe["task"] == "one of ['classification', 'text_classification', 'language_modeling']"
+    )
     assert describe["optimizer.quant_learning_rate"] == (
         "a finite number >= 0 (0 gives the quantizer state optimizer.learning_rate)"
     )
