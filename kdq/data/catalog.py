@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+from typing import Any
 
 import tensorflow_datasets as tfds
 
@@ -149,6 +150,26 @@ def _wrong_format_message(name: str, builder: tfds.core.DatasetBuilder, data_dir
         "data_dir, or after deleting "
         f"{builder.data_dir}):\n    {prepare_command(name, data_dir)}"
     )
+
+
+def open_data_sources(
+    name: str, builder: tfds.core.DatasetBuilder, data_dir: str, splits: list[str]
+) -> list[Any]:
+    """`builder.as_data_source(split=splits)`, or an error saying how to prepare the data.
+
+    Raises:
+        DatasetNotPreparedError: The dataset is not prepared in ``data_dir``, or
+            not as array_record (no random access); the message holds the
+            command that prepares it.
+    """
+    try:
+        return builder.as_data_source(split=splits)
+    except (KeyError, ValueError, NotImplementedError) as err:
+        if not builder.is_prepared():
+            raise DatasetNotPreparedError(_not_prepared_message(name, builder, data_dir)) from None
+        if isinstance(err, NotImplementedError):
+            raise DatasetNotPreparedError(_wrong_format_message(name, builder, data_dir)) from None
+        raise
 
 
 def _open_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -284,14 +305,7 @@ def load_catalog_dataset(
                 "examples. Prepare a dataset with more training examples or a non-empty "
                 "validation split."
             )
-    try:
-        records = builder.as_data_source(split=list(specs.values()))
-    except (KeyError, ValueError, NotImplementedError) as err:
-        if not builder.is_prepared():
-            raise DatasetNotPreparedError(_not_prepared_message(name, builder, data_dir)) from None
-        if isinstance(err, NotImplementedError):
-            raise DatasetNotPreparedError(_wrong_format_message(name, builder, data_dir)) from None
-        raise
+    records = open_data_sources(name, builder, data_dir, list(specs.values()))
     num_classes = builder.info.features["label"].num_classes
     features = ImageFeatures(image_shape, PIXEL_SCALE, entry.mean, entry.std)
     return tfds_dataset(

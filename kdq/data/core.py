@@ -111,3 +111,31 @@ def default_data_dir() -> str:
     if from_env:
         return os.path.expanduser(from_env)
     return os.path.join(os.path.expanduser("~"), ".cache", "kdq", "tensorflow_datasets")
+
+
+def prepare_builder(builder_class: type, data_dir: str) -> Any:
+    """Builds an embedded TFDS dataset into ``data_dir`` as array_record unless it is there.
+
+    TFDS writes a build into its own ``incomplete.<random>`` directory and renames
+    it into place when complete; when two processes build at once, the slower
+    rename fails and that process reads the finished copy of the faster one.
+
+    Args:
+        builder_class: A ``tfds.core.GeneratorBasedBuilder`` that needs no download.
+        data_dir: Root TFDS data directory.
+
+    Returns:
+        A builder whose data is prepared in ``data_dir``.
+
+    Raises:
+        OSError: If writing fails for a reason other than a concurrent build
+            finishing first.
+    """
+    builder = builder_class(data_dir=data_dir, file_format="array_record")
+    try:
+        builder.download_and_prepare()
+    except OSError:
+        builder = builder_class(data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            raise
+    return builder

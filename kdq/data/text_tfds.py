@@ -15,7 +15,12 @@ import re
 
 import tensorflow_datasets as tfds
 
-from kdq.data.catalog import VALIDATION_PERCENT, DatasetNotPreparedError, prepare_command
+from kdq.data.catalog import (
+    VALIDATION_PERCENT,
+    DatasetNotPreparedError,
+    open_data_sources,
+    prepare_command,
+)
 from kdq.data.core import Dataset, default_data_dir
 from kdq.data.text import windows_dataset
 
@@ -78,15 +83,6 @@ def split_specs(builder: tfds.core.DatasetBuilder) -> dict[str, str]:
     return {"train": f"train[:{keep}%]", "validation": f"train[{keep}%:]", "test": "test"}
 
 
-def _not_prepared(name: str, builder: tfds.core.DatasetBuilder, data_dir: str) -> str:
-    return (
-        f"Dataset {name!r} is not prepared in data_dir {data_dir!r} (looked for "
-        f"{builder.data_dir}). Prepare it once as array_record files in an environment "
-        "with TensorFlow installed (pip install tensorflow tensorflow-datasets), then "
-        f"load it here:\n    {prepare_command(name, data_dir)}"
-    )
-
-
 def _as_bytes(text: bytes | str) -> bytes:
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
@@ -122,18 +118,7 @@ def load_tfds_text(spec: str, data_dir: str | None, seq_len: int) -> Dataset:
             f"{', '.join(sorted(builder.info.splits))}, but kdq reads train and test; prepare "
             f"every split (after deleting {builder.data_dir}):\n    {prepare_command(name, data_dir)}"
         )
-    try:
-        records = builder.as_data_source(split=list(specs.values()))
-    except (KeyError, ValueError, NotImplementedError) as err:
-        if not builder.is_prepared():
-            raise DatasetNotPreparedError(_not_prepared(name, builder, data_dir)) from None
-        if isinstance(err, NotImplementedError):
-            raise DatasetNotPreparedError(
-                f"Dataset {name!r} in data_dir {data_dir!r} is not stored as array_record, "
-                "which kdq needs for random access; prepare an array_record copy (after "
-                f"deleting {builder.data_dir}):\n    {prepare_command(name, data_dir)}"
-            ) from None
-        raise
+    records = open_data_sources(name, builder, data_dir, list(specs.values()))
     documents = {
         role: [_as_bytes(split[i][feature]) for i in range(len(split))]
         for role, split in zip(specs, records, strict=True)
