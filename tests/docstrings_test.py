@@ -10,7 +10,15 @@ import pytest
 import kdq
 
 PACKAGES = ["kdq.quant", "kdq.distill", "kdq.prune", "kdq.data", "kdq.models", "kdq.train"]
-MODULES = ["kdq.checkpoint", "kdq.generate", "kdq.report", "kdq.rules", "kdq.sharding", "kdq.tasks"]
+MODULES = [
+    "kdq.checkpoint",
+    "kdq.generate",
+    "kdq.kv_quant",
+    "kdq.report",
+    "kdq.rules",
+    "kdq.sharding",
+    "kdq.tasks",
+]
 
 
 def _public_callables():

@@ -1,4 +1,8 @@
-"""Linen models, each created by name: `create_model("cnn", num_classes=10)`."""
+"""Linen models, each created by name: `create_model("cnn", num_classes=10)`.
+
+Pretrained sentence encoders load by name too: `load_pretrained("all-MiniLM-L6-v2")`
+(`kdq.models.pretrained`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kdq.models.mobilenet import MobileNetV2, MobileNetV3Large, MobileNetV3Small
+from kdq.models.pretrained import PRETRAINED_MODELS, PretrainedEncoder, load_pretrained
 from kdq.models.resnet import (
     CifarResNet,
     ResNet,
@@ -123,6 +128,7 @@ _OPTION_RULES = {
     "pooling": (lambda v: v in ("cls", "mean"), "'cls' or 'mean'"),
     "tie_embeddings": (lambda v: isinstance(v, bool), "a bool"),
     "approximate_gelu": (lambda v: isinstance(v, bool), "a bool"),
+    "head": (lambda v: isinstance(v, bool), "a bool"),
 }
 
 
@@ -133,7 +139,7 @@ def _check_option(model: str, option: str, value: Any) -> None:
     `channels`, `stage_sizes`), must be >= 1; the options of `_OPTION_RULES`
     (`dropout` in [0, 1), `width_mult`, `rope_base` and `norm_eps` finite and
     > 0, `pad_id` None or >= 0, `type_vocab_size` >= 0, `pooling` "cls" or
-    "mean", bool flags) follow their own rule. None (a derived default, e.g.
+    "mean", bool flags such as `head`) follow their own rule. None (a derived default, e.g.
     `num_kv_heads`) is accepted.
     """
     if option in _OPTION_RULES:
@@ -160,6 +166,8 @@ __all__ = [
     "MobileNetV2",
     "MobileNetV3Large",
     "MobileNetV3Small",
+    "PRETRAINED_MODELS",
+    "PretrainedEncoder",
     "ResNet",
     "ResNet8",
     "ResNet8x4",
@@ -181,5 +189,6 @@ __all__ = [
     "count_params",
     "create_model",
     "init_kv_cache",
+    "load_pretrained",
     "transformer_param_count",
 ]

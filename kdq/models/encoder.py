@@ -4,11 +4,14 @@ token + learned position (+ token-type) embeddings -> LayerNorm -> L post-norm l
 
     x = layer_norm(x + attn(x)),   x = layer_norm(x + down(gelu(up(x))))
 
--> pooling -> Dense "head". LayerNorm(x) = (x - mean(x)) / sqrt(var(x) + eps) *
+-> pooling -> Dense "head" (with `head=False` the pooled features themselves,
+e.g. a sentence embedding). LayerNorm(x) = (x - mean(x)) / sqrt(var(x) + eps) *
 scale + bias; GELU is the exact x * Phi(x) unless `approximate_gelu` (tanh
 form). Attention is multi-head with biases (`kdq.models.attention`); with
 `pad_id` set, keys holding it are masked and "mean" pooling averages the other
 tokens only. "cls" pooling takes the first token's output (no pooler layer).
+The per-token hidden states (B, T, d) are the outputs of the submodules
+"layer_i" (the last one: "layer_{L-1}"), e.g. through `kdq.distill.taps`.
 Embeddings start as N(0, 0.02^2), the Dense layers with Linen's defaults.
 """
 
@@ -103,7 +106,7 @@ class TransformerEncoder(nn.Module):
     """BERT-style encoder classifier (see the module docstring); defaults are `EncoderTiny`'s.
 
     Attributes:
-      num_classes: output logits.
+      num_classes: output logits (unused without a head).
       vocab_size: token vocabulary.
       num_layers: encoder layers.
       d_model: width.
@@ -116,7 +119,9 @@ class TransformerEncoder(nn.Module):
         None: no padding.
       norm_eps: LayerNorm epsilon.
       approximate_gelu: tanh GELU instead of the exact erf one.
-      dtype: computation dtype; params and logits stay float32.
+      dtype: computation dtype; params and outputs stay float32.
+      head: end with the Dense "head" (class logits); False: return the pooled
+        features and create no head params.
     """
 
     num_classes: int
@@ -132,12 +137,13 @@ class TransformerEncoder(nn.Module):
     norm_eps: float = 1e-12
     approximate_gelu: bool = False
     dtype: Dtype = jnp.float32
+    head: bool = True
 
     @nn.compact
     def __call__(
         self, tokens: jax.Array, token_types: jax.Array | None = None, train: bool = False
     ):
-        """Class logits of each sequence.
+        """Class logits (or, with head=False, pooled features) of each sequence.
 
         Args:
           tokens: (B, T) int token ids, T <= max_len.
@@ -146,7 +152,8 @@ class TransformerEncoder(nn.Module):
           train: accepted for the trainer and ignored (no dropout).
 
         Returns:
-          (B, num_classes) float32 logits.
+          (B, num_classes) float32 logits; with head=False, (B, d_model)
+          float32 pooled features.
 
         Raises:
           ValueError: bad tokens, token types without a type embedding, a bad
@@ -175,6 +182,8 @@ class TransformerEncoder(nn.Module):
             )
             x = layer(x, keep[:, None, :])
         pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, keep)
+        if not self.head:
+            return pooled.astype(jnp.float32)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled).astype(jnp.float32)
 
     def _check_call(self, tokens: Any, token_types: Any) -> None:

@@ -24,6 +24,25 @@ float32).
 KV cache: `init_kv_cache(model, batch)` gives {"index": int32 next position,
 "block_i": {"k", "v": (B, max_len, K, Dh)}}; `model.apply(variables, tokens,
 cache=cache)` appends the tokens at `index` and returns (logits, new cache).
+The new keys and values are written first and the tokens attend over the
+stored entries, so a prefill reads exactly what later decoding steps read.
+
+Quantized KV cache: `init_kv_cache(model, batch, bits=8)` (or 4) stores k and
+v as `kdq.quant.QArray`s, signed symmetric integers with one float32 scale per
+(batch, position, kv head):
+
+    s[b, t, h] = max_d |k[b, t, h, d]| / qmax,   q = clip(round(k / s), qmin, qmax),
+
+qmax = 2^(bits-1) - 1 (127 or 7), [qmin, qmax] = [-128, 127] or [-8, 7],
+round half to even; |k / s| <= qmax, so qmin is never reached and the levels
+used are symmetric. An all-zero entry gets s = 1 (`kdq.quant.numerics`).
+Each token's scale is computed from its own keys (values) when it is
+written: the cache grows token by token, so a static scale would need
+calibration on data, and a scale per token and head follows the spread of
+magnitudes across positions and heads. Attention reads q * s, cast to the
+model dtype. Since a token's stored entry depends on nothing written after
+it, a prefill through a quantized cache gives the logits that token-by-token
+decoding with that cache gives.
 """
 
 from __future__ import annotations
@@ -37,9 +56,14 @@ import jax.numpy as jnp
 
 from kdq.models.attention import attention, rotary_embedding
 from kdq.models.encoder import EncoderSmall, EncoderTiny, TransformerEncoder
+from kdq.quant.numerics import dequantize, quantize
+from kdq.quant.qarray import QArray
+from kdq.quant.spec import QuantSpec
 
 Dtype = Any
 EMBED_INIT = nn.initializers.normal(stddev=0.02)
+# Integer widths of a quantized KV cache (`init_kv_cache(..., bits=)`).
+KV_CACHE_BITS = (4, 8)
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,7 +92,8 @@ class CausalSelfAttention(nn.Module):
           positions: (T,) positions of the tokens.
           mask: (T, S) booleans, True where query t may see key s; S is T
             without a cache and max_len with one.
-          kv_cache: None, or {"k", "v": (B, max_len, K, Dh)}.
+          kv_cache: None, or {"k", "v"}: (B, max_len, K, Dh) float arrays, or
+            `QArray`s of that shape with scales (B, max_len, K, 1).
           index: cache position of the first token.
 
         Returns:
@@ -84,12 +109,36 @@ class CausalSelfAttention(nn.Module):
         q = rotary_embedding(q, positions, self.rope_base)
         k = rotary_embedding(k, positions, self.rope_base)
         if kv_cache is not None:
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+            stored = {
+                name: _write_cache(kv_cache[name], new, index) for name, new in (("k", k), ("v", v))
+            }
+            k, v = (_read_cache(stored[name], self.dtype) for name in ("k", "v"))
         out = attention(q, k, v, mask).reshape(batch, length, heads * head_dim)
         out = dense(features, name="o")(out)
-        return out if kv_cache is None else (out, {"k": k, "v": v})
+        return out if kv_cache is None else (out, stored)
+
+
+def _write_cache(entry: jax.Array | QArray, new: jax.Array, index: Any) -> jax.Array | QArray:
+    """The cache entry with `new` (B, T, K, Dh) written at positions index .. index + T - 1.
+
+    A float entry stores `new` in its dtype; a `QArray` entry stores
+    quantize(new, entry.spec), its integers and its (B, T, K, 1) scales.
+    """
+    start = (0, index, 0, 0)
+    if not isinstance(entry, QArray):
+        return jax.lax.dynamic_update_slice(entry, new.astype(entry.dtype), start)
+    written = quantize(new, entry.spec)
+    return QArray(
+        qvalue=jax.lax.dynamic_update_slice(entry.qvalue, written.qvalue, start),
+        scale=jax.lax.dynamic_update_slice(entry.scale, written.scale, start),
+        zero_point=None,
+        spec=entry.spec,
+    )
+
+
+def _read_cache(entry: jax.Array | QArray, dtype: Dtype) -> jax.Array:
+    """The keys or values attention reads: the entry itself, or q * s in `dtype`."""
+    return dequantize(entry).astype(dtype) if isinstance(entry, QArray) else entry
 
 
 class SwiGLU(nn.Module):
@@ -303,27 +352,60 @@ def _check_lm_call(model: TransformerLM, tokens: Any, cache: dict | None) -> Any
     return index
 
 
-def init_kv_cache(model: TransformerLM, batch_size: int) -> dict[str, Any]:
+def check_cache_bits(bits: Any, name: str = "bits") -> None:
+    """Raises ValueError unless `bits` is None or one of `KV_CACHE_BITS`.
+
+    Args:
+      bits: the requested cache width.
+      name: the argument's name, for the message.
+    """
+    if bits is not None and (
+        isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_CACHE_BITS
+    ):
+        raise ValueError(
+            f"{name} must be None (a float cache in the model dtype) or one of "
+            f"{KV_CACHE_BITS} (an integer cache), got {name}={bits!r}"
+        )
+
+
+def init_kv_cache(
+    model: TransformerLM, batch_size: int, *, bits: int | None = None
+) -> dict[str, Any]:
     """An empty KV cache for `model`: nothing written, index 0.
 
     Args:
       model: a `TransformerLM` (or a named size).
       batch_size: sequences decoded together.
+      bits: None for a float cache in the model dtype; 8 or 4 for k and v
+        stored as signed integers with a float32 scale per (batch, position,
+        kv head), s = max_d |x| / (2^(bits-1) - 1) (see the module docstring).
 
     Returns:
-      {"index": int32 0, "block_i": {"k": zeros, "v": zeros}} for every block,
-      k and v (batch_size, max_len, num_kv_heads, head_dim) in the model dtype.
+      {"index": int32 0, "block_i": {"k", "v"}} for every block. Float: k and v
+      zeros (batch_size, max_len, num_kv_heads, head_dim) in the model dtype.
+      Quantized: k and v `QArray`s of that shape, qvalue zeros of int8 (int4),
+      scale ones (batch_size, max_len, num_kv_heads, 1) float32, no zero point;
+      as a pytree the cache holds the integers and the scales, so `jit` and
+      `scan` carry it.
 
     Raises:
-      ValueError: `model` is not a `TransformerLM`, or batch_size < 1.
+      ValueError: `model` is not a `TransformerLM`, batch_size < 1, or bits is
+        not None, 8 or 4.
     """
     if not isinstance(model, TransformerLM):
         raise ValueError(f"init_kv_cache needs a TransformerLM, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_cache_bits(bits)
     kv_heads, head_dim = _lm_heads(model)
-    zeros = jnp.zeros((batch_size, model.max_len, kv_heads, head_dim), model.dtype)
-    blocks = {f"block_{i}": {"k": zeros, "v": zeros} for i in range(model.num_layers)}
+    shape = (batch_size, model.max_len, kv_heads, head_dim)
+    if bits is None:
+        entry = jnp.zeros(shape, model.dtype)
+    else:
+        spec = QuantSpec(bits=bits, axes=(0, 1, 2))
+        scale = jnp.ones((*shape[:3], 1), jnp.float32)
+        entry = QArray(qvalue=jnp.zeros(shape, spec.dtype), scale=scale, zero_point=None, spec=spec)
+    blocks = {f"block_{i}": {"k": entry, "v": entry} for i in range(model.num_layers)}
     return {"index": jnp.zeros((), jnp.int32), **blocks}
 
 

@@ -2,8 +2,11 @@
 quantizer modes, activation quantization, calibration, QAT state, PTQ and
 integer inference."""
 
+from kdq.quant.awq import awq_scales
 from kdq.quant.calibration import calibrate_activations
 from kdq.quant.contraction import ContractionLayout, check_weight_spec, contraction_layout
+from kdq.quant.gptq import gptq_quantize
+from kdq.quant.input_statistics import InputStatistics, collect_input_statistics
 from kdq.quant.integer import (
     QuantizedModel,
     fake_quant_apply,
@@ -12,6 +15,7 @@ from kdq.quant.integer import (
     to_quantized_model,
 )
 from kdq.quant.intercept import activation_interceptor, activation_report
+from kdq.quant.layerwise import LayerResult, PTQMethod, layerwise_ptq
 from kdq.quant.numerics import (
     calibrate,
     dequantize,
@@ -38,6 +42,8 @@ from kdq.quant.quantizers import (
 from kdq.quant.quantizers.lsq import learned_step, lsq_paper_step
 from kdq.quant.quantizers.pact import learned_alpha
 from kdq.quant.recipe import FLOAT, QuantRecipe, is_integer_model
+from kdq.quant.rotation import hadamard_matrix, hadamard_signs, rotate, rotate_weight
+from kdq.quant.smoothquant import smoothquant_scales
 from kdq.quant.spec import QuantSpec
 from kdq.quant.ste import (
     clipped_straight_through,
@@ -47,9 +53,25 @@ from kdq.quant.ste import (
     round_ste,
     straight_through,
 )
+from kdq.quant.transforms import transform_input, transform_interceptor, transform_kernel
 from kdq.quant.tree import dequantize_tree, fake_quant_tree, quantize_tree, tree_specs
 
 __all__ = [
+    "awq_scales",
+    "gptq_quantize",
+    "InputStatistics",
+    "collect_input_statistics",
+    "LayerResult",
+    "PTQMethod",
+    "layerwise_ptq",
+    "hadamard_matrix",
+    "hadamard_signs",
+    "rotate",
+    "rotate_weight",
+    "smoothquant_scales",
+    "transform_input",
+    "transform_interceptor",
+    "transform_kernel",
     "FLOAT",
     "ActQuantizer",
     "ContractionLayout",

@@ -7,7 +7,9 @@ input. Two forward passes run it:
 
 * `fake_quant_apply`: float arithmetic on dequantized weights and
   fake-quantized inputs (what QAT trains);
-* `integer_apply`: for each module with a quantized input *and* weight,
+* `integer_apply`: modules with a quantized weight and a float input
+  dequantize the weight on the fly, one group at a time (weight-only
+  quantization, below); for each module with a quantized input *and* weight,
   integer operands into `jnp.einsum` / `lax.conv_general_dilated` with
   int32 accumulation, rescaled once in float32:
 
@@ -27,6 +29,16 @@ input. Two forward passes run it:
   Dense, DenseGeneral (any `axis`, `batch_dims`) and Einsum (any equation
   that is one contraction of input and kernel, batch labels included) run as
   the einsum of their `kdq.quant.contraction.contraction_layout`.
+
+Weight-only layers (a quantized kernel, an input the recipe keeps float):
+Dense, DenseGeneral and Einsum layers contract the float input with the
+integer weights held as float32 values, one float32 sum per group, each
+scaled once: y[r, n] = sum_G s_w[G, n] * (sum_{k in G} x[r, k] q_w[k, n]) + b[n].
+A convolution runs on its dequantized kernel.
+
+Input transforms (`QuantizedModel.input_transforms`, from rotations and
+smoothing in `kdq.quant.layerwise`) apply to a Dense layer's input before
+anything else, on both paths.
 
 Operands, exactly. Integers are stored in the narrowest container of their
 bits (`QuantSpec.dtype`: int4 for <= 4 bits, int8, int16), but the dot
@@ -92,16 +104,12 @@ from kdq.quant.contraction import (
     contraction_layout,
     weight_spec_problem,
 )
-from kdq.quant.intercept import (
-    SUPPORTED_MODULES,
-    module_input_interceptor,
-    module_rules,
-    module_state,
-)
+from kdq.quant.intercept import SUPPORTED_MODULES, module_path, module_rules, module_state
 from kdq.quant.numerics import dequantize, fake_quant, group_axis, quantize
 from kdq.quant.qarray import QArray
 from kdq.quant.recipe import QuantRecipe
 from kdq.quant.spec import QuantSpec
+from kdq.quant.transforms import transform_interceptor
 from kdq.quant.tree import states_by_path, tree_specs
 
 INT32_MAX = 2**31 - 1
@@ -120,12 +128,17 @@ class QuantizedModel:
       recipe: the recipe (static).
       model_state: the model's other variable collections (e.g. BatchNorm
         statistics, applied in float after the integer conv), {} if none.
+      input_transforms: {module path...: {"rotation_signs"?, "smoothing"?}},
+        the input transform of each Dense layer whose weight was rotated or
+        smoothed by post-training quantization (`kdq.quant.transforms`); {}
+        if none.
     """
 
     params: Any
     act_scales: Any
     recipe: QuantRecipe = struct.field(pytree_node=False)
     model_state: Any = struct.field(default_factory=dict)
+    input_transforms: Any = struct.field(default_factory=dict)
 
 
 def _act_scales(quant_params: Any, recipe: QuantRecipe) -> Any:
@@ -195,7 +208,16 @@ def to_qat_state(qmodel: QuantizedModel) -> tuple[Any, dict[str, Any]]:
 
     Returns:
       (float params, quant_params) for `TrainState` / `apply_quantized`.
+
+    Raises:
+      ValueError: the model has input transforms (rotation, smoothing).
     """
+    if jax.tree_util.tree_leaves(qmodel.input_transforms):
+        raise ValueError(
+            "this quantized model rotates or smooths the inputs of some layers "
+            "(input_transforms), which QAT does not model; continue from the float model "
+            "instead, or quantize it without rotation or scaling"
+        )
     recipe = qmodel.recipe
     weights, acts = recipe.weight_quantizer, recipe.act_quantizer
     flat = flax.traverse_util.flatten_dict(
@@ -393,18 +415,11 @@ def _conv_padding(padding: Any, spatial: int) -> str | list[tuple[int, int]]:
     return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
 
 
-def _integer_conv(module: nn.Conv, q_x: jax.Array, q_w: jax.Array, slice_channels: int | None):
-    """The int32 accumulator of an integer convolution.
-
-    CPU / TPU: the integer operands, accumulated in int32. GPU: the integer
-    values held in float32 operands (full float32 precision, no TF32),
-    accumulated in float32, which is exact while every partial sum stays
-    within 2^24; wider convolutions run in slices of `slice_channels` input
-    channels, each exact, converted to int32 and summed. XLA's cuDNN int8
-    convolutions return float32 only, and in our tests on an H200 they gave
-    wrong sums (twice the exact ones in a ResNet-8), so kdq does not use them.
-    """
-    spatial = q_x.ndim - 2
+def _convolve(
+    module: nn.Conv, lhs: jax.Array, rhs: jax.Array, accumulator_dtype, precision=None
+) -> jax.Array:
+    """`module`'s convolution (strides, padding, dilations, groups) of lhs by kernel rhs."""
+    spatial = lhs.ndim - 2
     strides = module.strides or 1
     strides = (strides,) * spatial if isinstance(strides, int) else tuple(strides)
 
@@ -417,20 +432,34 @@ def _integer_conv(module: nn.Conv, q_x: jax.Array, q_w: jax.Array, slice_channel
         rhs_spec=(spatial + 1, spatial, *range(spatial)),
         out_spec=(0, spatial + 1, *range(1, spatial + 1)),
     )
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides=strides,
+        padding=_conv_padding(module.padding, spatial),
+        lhs_dilation=dilation(module.input_dilation),
+        rhs_dilation=dilation(module.kernel_dilation),
+        dimension_numbers=numbers,
+        feature_group_count=module.feature_group_count,
+        preferred_element_type=accumulator_dtype,
+        precision=precision,
+    )
+
+
+def _integer_conv(module: nn.Conv, q_x: jax.Array, q_w: jax.Array, slice_channels: int | None):
+    """The int32 accumulator of an integer convolution.
+
+    CPU / TPU: the integer operands, accumulated in int32. GPU: the integer
+    values held in float32 operands (full float32 precision, no TF32),
+    accumulated in float32, which is exact while every partial sum stays
+    within 2^24; wider convolutions run in slices of `slice_channels` input
+    channels, each exact, converted to int32 and summed. XLA's cuDNN int8
+    convolutions return float32 only, and in our tests on an H200 they gave
+    wrong sums (twice the exact ones in a ResNet-8), so kdq does not use them.
+    """
 
     def conv(lhs, rhs, accumulator_dtype, precision=None):
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides=strides,
-            padding=_conv_padding(module.padding, spatial),
-            lhs_dilation=dilation(module.input_dilation),
-            rhs_dilation=dilation(module.kernel_dilation),
-            dimension_numbers=numbers,
-            feature_group_count=module.feature_group_count,
-            preferred_element_type=accumulator_dtype,
-            precision=precision,
-        )
+        return _convolve(module, lhs, rhs, accumulator_dtype, precision)
 
     if not _float_convolutions():
         return conv(q_x, q_w, jnp.int32)
@@ -496,22 +525,31 @@ def _split_groups(
 
 
 def _integer_contraction(
-    layout: ContractionLayout, q_x: jax.Array, kernel: QArray, x_scale: jax.Array
+    layout: ContractionLayout,
+    q_x: jax.Array,
+    kernel: QArray,
+    x_scale: jax.Array,
+    *,
+    accumulator: jnp.dtype = jnp.int32,
 ) -> jax.Array:
-    """y = s_x s_w sum_k q_x q_w, or s_x sum_G s_w[G] sum_{k in G} q_x q_w (int32 sums)."""
+    """y = s_x s_w sum_k q_x q_w, or s_x sum_G s_w[G] sum_{k in G} q_x q_w.
+
+    The sums are int32 for integer operands; `accumulator=jnp.float32` sums
+    float operands (a float input times the integer weights).
+    """
     q_w = kernel.qvalue.astype(q_x.dtype)
     output = layout.output_labels
     x_scale = _aligned(x_scale, layout.input_labels, output)
     grouped = group_axis(kernel.shape, kernel.spec)
     if grouped is None:
-        accumulator = jnp.einsum(layout.equation, q_x, q_w, preferred_element_type=jnp.int32)
+        sums = jnp.einsum(layout.equation, q_x, q_w, preferred_element_type=accumulator)
         w_scale = _aligned(kernel.scale, layout.kernel_labels, output)
-        return accumulator.astype(jnp.float32) * (x_scale * w_scale)
+        return sums.astype(jnp.float32) * (x_scale * w_scale)
     groups = kernel.scale.shape[grouped]
     split, q_x, q_w, scale_labels = _split_groups(layout, q_x, q_w, grouped, groups)
-    accumulator = jnp.einsum(split.equation, q_x, q_w, preferred_element_type=jnp.int32)
+    sums = jnp.einsum(split.equation, q_x, q_w, preferred_element_type=accumulator)
     w_scale = _aligned(kernel.scale, scale_labels, split.output_labels)
-    return jnp.sum(accumulator.astype(jnp.float32) * w_scale, axis=-1) * x_scale
+    return jnp.sum(sums.astype(jnp.float32) * w_scale, axis=-1) * x_scale
 
 
 def _integer_convolution(module: nn.Conv, q_x: jax.Array, kernel: QArray, x_scale, act_spec):
@@ -583,36 +621,89 @@ def integer_apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, **kwar
     return _apply(model, qmodel, x, integer=True, **kwargs)
 
 
+def _weight_only_module(
+    module: nn.Module, layout: ContractionLayout | None, x: jax.Array, kernel: QArray
+) -> jax.Array:
+    """A module with integer weights and a float input: weights dequantized on the fly.
+
+    Dense, DenseGeneral and Einsum layers contract the float input with the
+    integer weights as float32 values, one sum per weight group, and scale
+    each sum once:
+
+        y[r, n] = sum_G s_w[G, n] * (sum_{k in G} x[r, k] q_w[k, n]) + b[n]
+
+    (a single group without `group_size`), so no float copy of the whole
+    kernel is formed. A convolution, or a weight spec whose scales are not
+    constant along the contraction, runs on the dequantized kernel.
+    """
+    if isinstance(module, nn.Conv) or weight_spec_problem(layout, kernel.shape, kernel.spec):
+        weight = dequantize(kernel).astype(x.dtype)
+        if isinstance(module, nn.Conv):
+            y = _convolve(module, x, weight, jnp.float32)
+        else:
+            y = jnp.einsum(layout.equation, x, weight, preferred_element_type=jnp.float32)
+    else:
+        y = _integer_contraction(
+            layout, x.astype(jnp.float32), kernel, jnp.float32(1.0), accumulator=jnp.float32
+        )
+    if module.use_bias:
+        bias = module.get_variable("params", "bias")
+        y = y + (
+            bias if layout is None else _aligned(bias, layout.bias_labels, layout.output_labels)
+        )
+    return y if module.dtype is None else y.astype(module.dtype)
+
+
+def _quantized_kernel_modules(flat: dict[str, Any]) -> set[str]:
+    """Paths of the modules whose kernel is a `QArray`."""
+    return {
+        key.rsplit("/", 1)[0] if "/" in key else ""
+        for key, leaf in flat.items()
+        if key.endswith("kernel") and isinstance(leaf, QArray)
+    }
+
+
 def _apply(model: nn.Module, qmodel: QuantizedModel, x: jax.Array, *, integer: bool, **kwargs):
-    """Runs `model` on a `QuantizedModel`: integer or fake-quantized selected modules."""
+    """Runs `model` on a `QuantizedModel`.
+
+    Every Dense layer with an input transform sees its transformed input
+    first (`kdq.quant.transforms`). On the integer path, modules with a
+    quantized input and weight run on integers and modules with only a
+    quantized weight dequantize it on the fly; otherwise weights are
+    dequantized and inputs fake-quantized.
+    """
     rules = module_rules(qmodel.recipe.act_rules)
     flat = flax.traverse_util.flatten_dict(
         qmodel.params, sep="/", is_leaf=lambda _, x: isinstance(x, QArray)
     )
-    integer_modules = set()
-    if integer:
-        for key, leaf in flat.items():
-            path = key.rsplit("/", 1)[0] if "/" in key else ""
-            if key.endswith("kernel") and isinstance(leaf, QArray) and rules.value(path):
-                integer_modules.add(path)
+    kept = _quantized_kernel_modules(flat) if integer else set()
     params = {
         key: leaf
-        if key.rsplit("/", 1)[0] in integer_modules or not isinstance(leaf, QArray)
+        if key.rsplit("/", 1)[0] in kept or not isinstance(leaf, QArray)
         else dequantize(leaf)
         for key, leaf in flat.items()
     }
     params = flax.traverse_util.unflatten_dict(params, sep="/")
 
-    def call(next_fun, args, call_kwargs, module, path, spec):
-        if path not in integer_modules:
-            scale, zero_point = _input_scale(qmodel, path, args[0], spec)
-            x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
-            return next_fun(x_hat, *args[1:], **call_kwargs)
-        kernel = module.get_variable("params", "kernel")
-        layout = _call_layout(path, module, args, call_kwargs)
-        _check_integer_ready(path, module, layout, args[0], spec, kernel)
-        scale, _ = _input_scale(qmodel, path, args[0], spec)
-        return _integer_module(module, layout, args[0], kernel, scale, spec)
+    def interceptor(next_fun, args, call_kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, SUPPORTED_MODULES):
+            return next_fun(*args, **call_kwargs)
+        module, path = context.module, module_path(context.module)
+        spec = rules.value(path) if args else None
+        if path in kept:
+            kernel = module.get_variable("params", "kernel")
+            layout = _call_layout(path, module, args, call_kwargs)
+            if spec is None:
+                return _weight_only_module(module, layout, args[0], kernel)
+            _check_integer_ready(path, module, layout, args[0], spec, kernel)
+            scale, _ = _input_scale(qmodel, path, args[0], spec)
+            return _integer_module(module, layout, args[0], kernel, scale, spec)
+        if spec is None:
+            return next_fun(*args, **call_kwargs)
+        scale, zero_point = _input_scale(qmodel, path, args[0], spec)
+        x_hat = fake_quant(args[0], spec, scale=scale, zero_point=zero_point)
+        return next_fun(x_hat, *args[1:], **call_kwargs)
 
-    with nn.intercept_methods(module_input_interceptor(qmodel.recipe.act_rules, call)):
-        return model.apply({"params": params, **qmodel.model_state}, x, **kwargs)
+    with nn.intercept_methods(transform_interceptor(qmodel.input_transforms)):
+        with nn.intercept_methods(interceptor):
+            return model.apply({"params": params, **qmodel.model_state}, x, **kwargs)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 
 from kdq.quant.integer import QuantizedModel, to_quantized_model
+from kdq.quant.layerwise import PTQMethod, layerwise_ptq
 from kdq.quant.qat import init_quant_params
 from kdq.quant.recipe import PTQ_ACT_MODES, PTQ_WEIGHT_MODES, QuantRecipe
 
@@ -20,13 +21,17 @@ def ptq(
     recipe: QuantRecipe,
     *,
     act_method: str = "minmax",
+    method: PTQMethod | None = None,
     **apply_kwargs: Any,
 ) -> QuantizedModel:
     """Quantizes a trained float model without training.
 
-    Weights are quantized by `recipe.weight_rules` (their specs' calibration:
-    absmax, minmax, percentile or an MSE clipping search); activation ranges
-    are measured on `batches` with the quantized weights in place.
+    Without `method`, weights are quantized by `recipe.weight_rules` (their
+    specs' calibration: absmax, minmax, percentile or an MSE clipping
+    search); activation ranges are measured on `batches` with the quantized
+    weights in place. With a `PTQMethod` (GPTQ, AWQ, SmoothQuant, Hadamard
+    rotation), Dense layers are quantized layer by layer from their input
+    statistics (`kdq.quant.layerwise.layerwise_ptq`).
 
     Args:
       model: any Linen model.
@@ -36,11 +41,16 @@ def ptq(
         and act_mode "static" (or "dynamic" for per-batch activation ranges
         at inference).
       act_method: "minmax", "ema" or "percentile,<p>".
+      method: a `kdq.quant.layerwise.PTQMethod`, or None for round to nearest.
       **apply_kwargs: passed to `model.apply` (e.g. train=False).
 
     Returns:
       The `QuantizedModel` (run it with `integer_apply` / `fake_quant_apply`).
     """
+    if method is not None:
+        return layerwise_ptq(
+            model, variables, batches, recipe, method, act_method=act_method, **apply_kwargs
+        )[0]
     if recipe.weight_quantizer.learned or recipe.act_quantizer.learned:
         raise ValueError(
             f"ptq needs quantizers without learned state: weight_mode in {PTQ_WEIGHT_MODES} "
