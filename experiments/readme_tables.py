@@ -32,18 +32,25 @@ def demo_block(report_path: str = REPORT) -> str:
     return f"```\n{format_table(report['runs'])}\n```"
 
 
-def split_readme(text: str) -> tuple[str, str, str]:
+def split_readme(text: str, begin: str = BEGIN, end: str = END) -> tuple[str, str, str]:
     """(text up to and including the begin marker line, the block, text from the end marker).
+
+    Args:
+      text: the README.
+      begin, end: the marker lines (the demo table's by default).
+
+    Returns:
+      The three parts.
 
     Raises:
       ValueError: the markers are missing, repeated or out of order.
     """
     lines = text.splitlines(keepends=True)
-    begins = [i for i, line in enumerate(lines) if line.strip() == BEGIN]
-    ends = [i for i, line in enumerate(lines) if line.strip() == END]
+    begins = [i for i, line in enumerate(lines) if line.strip() == begin]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
     if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
         raise ValueError(
-            f"the README must hold exactly one line {BEGIN!r} followed by one line {END!r} "
+            f"the README must hold exactly one line {begin!r} followed by one line {end!r} "
             f"(found {len(begins)} and {len(ends)}); add them where the demo table goes"
         )
     b, e = begins[0], ends[0]

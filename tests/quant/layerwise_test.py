@@ -40,8 +40,8 @@ def test_hadamard_matrices_are_hadamard(n):
 
 
 def test_unsupported_hadamard_order_is_refused():
-    with pytest.raises(ValueError, match="no Hadamard matrix of order 72"):
-        hadamard_matrix(24 * 3)  # 72 = 8 * 9
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 52"):
+        hadamard_matrix(52)  # 4 * 13: no Paley order 13 or 26
     with pytest.raises(ValueError, match="int >= 1"):
         hadamard_matrix(0)
 

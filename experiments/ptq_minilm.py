@@ -1,0 +1,158 @@
+"""Post-training quantization of the pretrained all-MiniLM-L6-v2 sentence encoder.
+
+    python -m experiments.ptq_minilm --out=runs/ptq_minilm
+
+Calibration: 256-byte passages of the validation plays; evaluation: passages
+of the test plays (`kdq.data.shakespeare` split). For each method the
+sentence embeddings of the quantized encoder are compared with the float
+ones: mean and minimum cosine similarity, and top-1 nearest-neighbour
+agreement (each passage's nearest other passage, by cosine, is the same as
+under the float encoder). Weights: the Dense kernels of the six layers
+(embeddings stay float); W8A8 adds per-token dynamic 8-bit inputs to them.
+Writes <out>/report.json; the README's table is
+`experiments/results/ptq_minilm_report.json`, a copy of one such report
+(`format_table` prints it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from kdq.data.shakespeare import plays_directory, split_plays
+from kdq.models import load_pretrained
+from kdq.quant import PTQMethod, QuantRecipe, QuantSpec, fake_quant_apply, layerwise_ptq
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "runs/ptq_minilm", "output directory")
+flags.DEFINE_integer("calibration", 64, "calibration passages (validation plays)")
+flags.DEFINE_integer("evaluation", 256, "evaluation passages (test plays)")
+flags.DEFINE_integer("seed", 0, "passage sampling seed")
+
+PASSAGE_BYTES = 256
+MAX_TOKENS = 128
+BATCH = 64
+LAYERS = r"layer_\d+/.*/kernel"
+
+
+def passages(split: str, count: int, seed: int) -> list[str]:
+    """`count` seeded 256-byte passages (non-overlapping chunks) of the split's plays."""
+    chunks = []
+    for genre, play in split_plays()[split]:
+        data = (plays_directory() / genre / f"{play}.md").read_bytes()
+        for start in range(0, len(data) - PASSAGE_BYTES, PASSAGE_BYTES):
+            chunks.append(data[start : start + PASSAGE_BYTES].decode("utf-8", "ignore"))
+    rng = np.random.default_rng(seed)
+    return [chunks[i] for i in rng.choice(len(chunks), size=count, replace=False)]
+
+
+def token_batches(encoder, texts):
+    ids, types = encoder.tokenize(texts, MAX_TOKENS)
+    pad = np.zeros((len(ids), MAX_TOKENS - ids.shape[1]), np.int32)
+    ids, types = np.concatenate([ids, pad], 1), np.concatenate([types, pad], 1)
+    return [jnp.asarray(ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
+
+
+def embeddings(forward, batches) -> np.ndarray:
+    out = np.concatenate([np.asarray(forward(b)) for b in batches])
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def compare(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    cosine = np.sum(reference * other, axis=1)
+
+    def neighbours(e):
+        similarity = e @ e.T
+        np.fill_diagonal(similarity, -np.inf)
+        return similarity.argmax(axis=1)
+
+    return {
+        "mean_cosine": float(cosine.mean()),
+        "min_cosine": float(cosine.min()),
+        "nn_agreement": float(np.mean(neighbours(reference) == neighbours(other))),
+    }
+
+
+def rows():
+    w4 = {g: QuantSpec(bits=4, axes=(-1,), group_size=g) for g in (64, 128)}
+    w3 = QuantSpec(bits=3, axes=(-1,), group_size=128)
+    weight_only = [
+        ("W4 g64", w4[64]),
+        ("W4 g128", w4[128]),
+        ("W3 g128", w3),
+    ]
+    methods = {
+        "rtn": PTQMethod(),
+        "gptq": PTQMethod(weights="gptq"),
+        "awq": PTQMethod(scaling="awq"),
+        "rotate+gptq": PTQMethod(weights="gptq", rotate=True),
+    }
+    for label, spec in weight_only:
+        for name, method in methods.items():
+            yield label, name, QuantRecipe(weight_rules=((LAYERS, spec),)), method
+    w8a8 = QuantRecipe(
+        weight_rules=((LAYERS, QuantSpec(bits=8, axes=(-1,))),),
+        act_rules=((r"layer_\d+/.*", QuantSpec(bits=8, axes=(0, 1))),),
+        act_mode="dynamic",
+    )
+    for name, method in {
+        "rtn": PTQMethod(),
+        "smoothquant": PTQMethod(scaling="smoothquant"),
+        "rotate+rtn": PTQMethod(rotate=True),
+    }.items():
+        yield "W8A8", name, w8a8, method
+
+
+def format_table(report: dict) -> str:
+    """The README table of a report: one row per (recipe, method)."""
+    lines = [
+        f"{'recipe':<9}{'method':<14}{'mean cos':>9}{'min cos':>9}{'NN agree':>10}{'calib s':>9}"
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"{row['recipe']:<9}{row['method']:<14}{row['mean_cosine']:>9.4f}"
+            f"{row['min_cosine']:>9.4f}{row['nn_agreement']:>10.3f}{row['calibration_s']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    encoder = load_pretrained("all-MiniLM-L6-v2")
+    module, variables = encoder.module, encoder.variables
+    calibration = token_batches(encoder, passages("validation", FLAGS.calibration, FLAGS.seed))
+    evaluation = token_batches(encoder, passages("test", FLAGS.evaluation, FLAGS.seed))
+    float_forward = jax.jit(lambda ids: module.apply(variables, ids))
+    reference = embeddings(float_forward, evaluation)
+    forward = jax.jit(lambda q, ids: fake_quant_apply(module, q, ids))
+    results = []
+    for label, name, recipe, method in rows():
+        start = time.perf_counter()
+        qmodel, _ = layerwise_ptq(module, variables, calibration, recipe, method, progress=False)
+        seconds = time.perf_counter() - start
+        row = {"recipe": label, "method": name, "calibration_s": round(seconds, 2)}
+        row.update(compare(reference, embeddings(functools.partial(forward, qmodel), evaluation)))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    os.makedirs(FLAGS.out, exist_ok=True)
+    report = {
+        "model": "all-MiniLM-L6-v2",
+        "calibration_passages": FLAGS.calibration,
+        "evaluation_passages": FLAGS.evaluation,
+        "passage_bytes": PASSAGE_BYTES,
+        "max_tokens": MAX_TOKENS,
+        "rows": results,
+    }
+    with open(os.path.join(FLAGS.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
