@@ -16,6 +16,7 @@ Writes <out>/report.json; the README's table is
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -24,17 +25,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from kdq.data.shakespeare import plays_directory, split_plays
 from kdq.models import load_pretrained
 from kdq.quant import PTQMethod, QuantRecipe, QuantSpec, fake_quant_apply, layerwise_ptq
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "runs/ptq_minilm", "output directory")
-flags.DEFINE_integer("calibration", 64, "calibration passages (validation plays)")
-flags.DEFINE_integer("evaluation", 256, "evaluation passages (test plays)")
-flags.DEFINE_integer("seed", 0, "passage sampling seed")
 
 PASSAGE_BYTES = 256
 MAX_TOKENS = 128
@@ -123,12 +117,21 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/ptq_minilm", help="output directory")
+    parser.add_argument("--calibration", type=int, default=64, help="validation passages")
+    parser.add_argument("--evaluation", type=int, default=256, help="test passages")
+    parser.add_argument("--seed", type=int, default=0, help="passage sampling seed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     encoder = load_pretrained("all-MiniLM-L6-v2")
     module, variables = encoder.module, encoder.variables
-    calibration = token_batches(encoder, passages("validation", FLAGS.calibration, FLAGS.seed))
-    evaluation = token_batches(encoder, passages("test", FLAGS.evaluation, FLAGS.seed))
+    calibration = token_batches(encoder, passages("validation", args.calibration, args.seed))
+    evaluation = token_batches(encoder, passages("test", args.evaluation, args.seed))
     float_forward = jax.jit(lambda ids: module.apply(variables, ids))
     reference = embeddings(float_forward, evaluation)
     forward = jax.jit(lambda q, ids: fake_quant_apply(module, q, ids))
@@ -141,18 +144,18 @@ def main(argv):
         row.update(compare(reference, embeddings(functools.partial(forward, qmodel), evaluation)))
         results.append(row)
         print(json.dumps(row), flush=True)
-    os.makedirs(FLAGS.out, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     report = {
         "model": "all-MiniLM-L6-v2",
-        "calibration_passages": FLAGS.calibration,
-        "evaluation_passages": FLAGS.evaluation,
+        "calibration_passages": args.calibration,
+        "evaluation_passages": args.evaluation,
         "passage_bytes": PASSAGE_BYTES,
         "max_tokens": MAX_TOKENS,
         "rows": results,
     }
-    with open(os.path.join(FLAGS.out, "report.json"), "w") as f:
+    with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
