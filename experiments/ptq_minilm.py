@@ -7,7 +7,12 @@ of the test plays (`kdq.data.shakespeare` split). For each method the
 sentence embeddings of the quantized encoder are compared with the float
 ones: mean and minimum cosine similarity, and top-1 nearest-neighbour
 agreement (each passage's nearest other passage, by cosine, is the same as
-under the float encoder). Weights: the Dense kernels of the six layers
+under the float encoder), and genre accuracy of a linear probe: a
+multinomial logistic regression fitted on the float embeddings of passages
+of the train plays (its inverse regularisation C chosen by accuracy on
+passages of the validation plays), applied unchanged to each method's
+embeddings of the test passages (a deployed classifier whose encoder is
+swapped for the quantized one). Weights: the Dense kernels of the six layers
 (embeddings stay float); W8A8 adds per-token dynamic 8-bit inputs to them.
 Writes <out>/report.json; the README's table is
 `experiments/results/ptq_minilm_report.json`, a copy of one such report
@@ -25,8 +30,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
-from kdq.data.shakespeare import plays_directory, split_plays
+from kdq.data.shakespeare import GENRES, plays_directory, split_plays
 from kdq.models import load_pretrained
 from kdq.quant import PTQMethod, QuantRecipe, QuantSpec, fake_quant_apply, layerwise_ptq
 
@@ -34,23 +40,46 @@ PASSAGE_BYTES = 256
 MAX_TOKENS = 128
 BATCH = 64
 LAYERS = r"layer_\d+/.*/kernel"
+PROBE_C = (0.1, 1.0, 10.0, 100.0)
 
 
-def passages(split: str, count: int, seed: int) -> list[str]:
-    """`count` seeded 256-byte passages (non-overlapping chunks) of the split's plays."""
-    chunks = []
+def passages(split: str, count: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """`count` seeded 256-byte passages (non-overlapping chunks) of the split's plays.
+
+    Returns:
+      (the passages, the index in `GENRES` of each one's play's genre).
+    """
+    chunks, genres = [], []
     for genre, play in split_plays()[split]:
         data = (plays_directory() / genre / f"{play}.md").read_bytes()
-        for start in range(0, len(data) - PASSAGE_BYTES, PASSAGE_BYTES):
+        for start in range(0, len(data) - PASSAGE_BYTES + 1, PASSAGE_BYTES):
             chunks.append(data[start : start + PASSAGE_BYTES].decode("utf-8", "ignore"))
-    rng = np.random.default_rng(seed)
-    return [chunks[i] for i in rng.choice(len(chunks), size=count, replace=False)]
+            genres.append(GENRES.index(genre))
+    chosen = np.random.default_rng(seed).choice(len(chunks), size=count, replace=False)
+    return [chunks[i] for i in chosen], np.asarray(genres)[chosen]
+
+
+def fit_probe(train, validation) -> tuple[LogisticRegression, float]:
+    """The genre probe on float embeddings: C in `PROBE_C` with the best validation accuracy.
+
+    Args:
+      train, validation: (embeddings (N, 384), genre indices (N,)).
+
+    Returns:
+      (the probe fitted on train with the chosen C, that C); ties go to the smaller C.
+    """
+    best = None
+    for c in PROBE_C:
+        probe = LogisticRegression(C=c, max_iter=2000).fit(*train)
+        accuracy = probe.score(*validation)
+        if best is None or accuracy > best[0]:
+            best = (accuracy, c, probe)
+    return best[2], best[1]
 
 
 def token_batches(encoder, texts):
-    ids, types = encoder.tokenize(texts, MAX_TOKENS)
-    pad = np.zeros((len(ids), MAX_TOKENS - ids.shape[1]), np.int32)
-    ids, types = np.concatenate([ids, pad], 1), np.concatenate([types, pad], 1)
+    ids, _ = encoder.tokenize(texts, MAX_TOKENS)  # one segment: every token type is 0
+    ids = np.concatenate([ids, np.zeros((len(ids), MAX_TOKENS - ids.shape[1]), np.int32)], 1)
     return [jnp.asarray(ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
 
 
@@ -105,14 +134,19 @@ def rows():
 
 
 def format_table(report: dict) -> str:
-    """The README table of a report: one row per (recipe, method)."""
+    """The README table of a report: one row per (recipe, method), the float probe first."""
+    probe = report["probe"]
     lines = [
-        f"{'recipe':<9}{'method':<14}{'mean cos':>9}{'min cos':>9}{'NN agree':>10}{'calib s':>9}"
+        f"{'recipe':<9}{'method':<14}{'mean cos':>9}{'min cos':>9}{'NN agree':>10}"
+        f"{'genre acc':>10}{'calib s':>9}",
+        f"{'float':<9}{'':<14}{1:>9.4f}{1:>9.4f}{1:>10.3f}{probe['float_test_accuracy']:>10.3f}"
+        f"{0:>9.1f}",
     ]
     for row in report["rows"]:
         lines.append(
             f"{row['recipe']:<9}{row['method']:<14}{row['mean_cosine']:>9.4f}"
-            f"{row['min_cosine']:>9.4f}{row['nn_agreement']:>10.3f}{row['calibration_s']:>9.1f}"
+            f"{row['min_cosine']:>9.4f}{row['nn_agreement']:>10.3f}{row['probe_accuracy']:>10.3f}"
+            f"{row['calibration_s']:>9.1f}"
         )
     return "\n".join(lines)
 
@@ -122,18 +156,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/ptq_minilm", help="output directory")
     parser.add_argument("--calibration", type=int, default=64, help="validation passages")
     parser.add_argument("--evaluation", type=int, default=256, help="test passages")
+    parser.add_argument("--probe_train", type=int, default=512, help="probe's train passages")
+    parser.add_argument("--probe_validation", type=int, default=256, help="probe's C selection")
     parser.add_argument("--seed", type=int, default=0, help="passage sampling seed")
     return parser.parse_args(argv)
+
+
+def probe_report(encoder, float_forward, args, test_embeddings, test_genres):
+    """(the probe fitted on float embeddings, the report's "probe" entry)."""
+    labelled = {}
+    for split, count, seed in (
+        ("train", args.probe_train, args.seed),
+        ("validation", args.probe_validation, args.seed + 1),
+    ):
+        texts, genres = passages(split, count, seed)
+        labelled[split] = (embeddings(float_forward, token_batches(encoder, texts)), genres)
+    probe, c = fit_probe(labelled["train"], labelled["validation"])
+    counts = np.bincount(test_genres, minlength=len(GENRES))
+    return probe, {
+        "C": c,
+        "train_passages": args.probe_train,
+        "validation_passages": args.probe_validation,
+        "validation_accuracy": float(probe.score(*labelled["validation"])),
+        "float_test_accuracy": float(probe.score(test_embeddings, test_genres)),
+        "chance_majority": float(counts.max() / counts.sum()),
+        "chance_uniform": 1 / len(GENRES),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     encoder = load_pretrained("all-MiniLM-L6-v2")
     module, variables = encoder.module, encoder.variables
-    calibration = token_batches(encoder, passages("validation", args.calibration, args.seed))
-    evaluation = token_batches(encoder, passages("test", args.evaluation, args.seed))
+    calibration = token_batches(encoder, passages("validation", args.calibration, args.seed)[0])
+    test_texts, test_genres = passages("test", args.evaluation, args.seed)
+    evaluation = token_batches(encoder, test_texts)
     float_forward = jax.jit(lambda ids: module.apply(variables, ids))
     reference = embeddings(float_forward, evaluation)
+    probe, probe_entry = probe_report(encoder, float_forward, args, reference, test_genres)
+    print(json.dumps(probe_entry), flush=True)
     forward = jax.jit(lambda q, ids: fake_quant_apply(module, q, ids))
     results = []
     for label, name, recipe, method in rows():
@@ -141,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         qmodel, _ = layerwise_ptq(module, variables, calibration, recipe, method, progress=False)
         seconds = time.perf_counter() - start
         row = {"recipe": label, "method": name, "calibration_s": round(seconds, 2)}
-        row.update(compare(reference, embeddings(functools.partial(forward, qmodel), evaluation)))
+        quantized = embeddings(functools.partial(forward, qmodel), evaluation)
+        row.update(compare(reference, quantized))
+        row["probe_accuracy"] = float(probe.score(quantized, test_genres))
         results.append(row)
         print(json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -151,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         "evaluation_passages": args.evaluation,
         "passage_bytes": PASSAGE_BYTES,
         "max_tokens": MAX_TOKENS,
+        "probe": probe_entry,
         "rows": results,
     }
     with open(os.path.join(args.out, "report.json"), "w") as f:

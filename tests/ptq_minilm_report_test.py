@@ -6,6 +6,7 @@ import json
 import os
 
 from experiments import ptq_minilm, readme_tables
+from kdq.data.shakespeare import GENRES, plays_directory, split_plays
 
 REPORT = os.path.join(readme_tables.ROOT, "experiments", "results", "ptq_minilm_report.json")
 BEGIN, END = "<!-- minilm-ptq-table:begin -->", "<!-- minilm-ptq-table:end -->"
@@ -27,3 +28,25 @@ def test_committed_report_covers_every_method_with_sane_figures():
     for row in report["rows"]:
         assert -1.0 <= row["min_cosine"] <= row["mean_cosine"] <= 1.0
         assert 0.0 <= row["nn_agreement"] <= 1.0 and row["calibration_s"] > 0
+        assert 0.0 <= row["probe_accuracy"] <= 1.0
+
+
+def test_passages_are_labelled_with_the_genre_of_their_play():
+    plays = split_plays()["test"]
+    texts = {
+        genre: (plays_directory() / genre / f"{play}.md").read_bytes().decode("utf-8", "ignore")
+        for genre, play in plays
+    }  # one test play per genre
+    passages, genres = ptq_minilm.passages("test", 40, seed=3)
+    assert len(set(passages)) == 40 and set(genres) <= set(range(len(GENRES)))
+    for passage, genre in zip(passages, genres, strict=True):
+        assert passage in texts[GENRES[genre]]
+
+
+def test_committed_report_has_the_probe_with_its_chance_levels():
+    with open(REPORT) as f:
+        probe = json.load(f)["probe"]
+    assert probe["C"] in ptq_minilm.PROBE_C
+    assert probe["chance_uniform"] == 1 / len(GENRES)
+    assert 1 / len(GENRES) <= probe["chance_majority"] <= 1.0
+    assert probe["chance_majority"] < probe["float_test_accuracy"] <= 1.0

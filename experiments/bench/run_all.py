@@ -23,6 +23,7 @@ SCRIPTS = (
     "compile_time",
     "lm_steps",
     "lm_generation",
+    "ptq_transformers",
 )
 
 
