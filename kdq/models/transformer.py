@@ -457,11 +457,12 @@ def _lm_param_count(model: TransformerLM) -> int:
 
 
 def _encoder_param_count(model: TransformerEncoder) -> int:
-    """(vocab + max_len + types) d + 2 d + L (4 (d^2 + d) + 2 m d + m + d + 4 d) + C (d + 1)."""
+    """(vocab + max_len + types) d + 2 d + L (4 (d^2 + d) + 2 m d + m + d + 4 d) [+ C (d + 1)]."""
     d, mlp = model.d_model, model.mlp_dim
     embeddings = (model.vocab_size + model.max_len + model.type_vocab_size) * d + 2 * d
     layer = 4 * (d * d + d) + (d * mlp + mlp) + (mlp * d + d) + 2 * (2 * d)
-    return embeddings + model.num_layers * layer + model.num_classes * (d + 1)
+    head = model.num_classes * (d + 1) if model.head else 0
+    return embeddings + model.num_layers * layer + head
 
 
 def transformer_param_count(model: TransformerLM | TransformerEncoder) -> int:
@@ -471,7 +472,8 @@ def transformer_param_count(model: TransformerLM | TransformerEncoder) -> int:
     heads of Dh features, m SwiGLU width):
         V d + L (2 d + 2 d H Dh + 2 d K Dh + 3 d m) + d, plus d V when untied.
     Encoder (C classes, m MLP width, T positions, Y token types):
-        (vocab + T + Y) d + 2 d + L (4 (d^2 + d) + 2 d m + m + 5 d) + C (d + 1).
+        (vocab + T + Y) d + 2 d + L (4 (d^2 + d) + 2 d m + m + 5 d), plus C (d + 1)
+        for the head (none with head=False).
 
     Args:
       model: a `TransformerLM` or `TransformerEncoder` (or a named size).

@@ -220,6 +220,7 @@ def test_lm_params_follow_the_contract_paths_and_the_closed_form_count():
         ("transformer_lm", dict(LM_SIZES, num_kv_heads=1, head_dim=10, num_layers=3)),
         ("transformer_encoder", dict(num_layers=2, d_model=16, num_heads=2, mlp_dim=24)),
         ("encoder_tiny", dict(type_vocab_size=3, vocab_size=40, max_len=9, num_layers=1)),
+        ("encoder_tiny", dict(vocab_size=40, max_len=9, num_layers=1, head=False)),
     ],
 )
 def test_param_count_closed_form_matches_the_initialised_model(name, options):
