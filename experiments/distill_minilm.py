@@ -45,14 +45,19 @@ import numpy as np
 import optax
 
 from experiments.bench.common import time_interleaved
-from experiments.ptq_minilm import compare, passages
-from kdq.data.shakespeare import plays_directory, split_plays
+from experiments.ptq_minilm import (
+    compare,
+    embeddings,
+    padded_ids,
+    passages,
+    play_chunks,
+    token_batches,
+)
 from kdq.distill import attention_relation_loss
 from kdq.distill.taps import apply_with_taps
 from kdq.models import count_params, load_pretrained
 
 MAX_TOKENS = 96
-PASSAGE_BYTES = 256
 PROJECTIONS = ("q", "k", "v")
 RELATION_HEADS = 12
 SPEED_BATCH = 64
@@ -75,19 +80,7 @@ def student_from_teacher(encoder, num_layers: int):
 
 def train_passages() -> list[str]:
     """Every non-overlapping 256-byte chunk of the train plays."""
-    chunks = []
-    for genre, play in split_plays()["train"]:
-        data = (plays_directory() / genre / f"{play}.md").read_bytes()
-        for start in range(0, len(data) - PASSAGE_BYTES + 1, PASSAGE_BYTES):
-            chunks.append(data[start : start + PASSAGE_BYTES].decode("utf-8", "ignore"))
-    return chunks
-
-
-def tokens(encoder, texts) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and types of texts, padded to `MAX_TOKENS`."""
-    ids, types = encoder.tokenize(texts, MAX_TOKENS)
-    pad = np.zeros((len(ids), MAX_TOKENS - ids.shape[1]), np.int32)
-    return np.concatenate([ids, pad + encoder.module.pad_id], 1), np.concatenate([types, pad], 1)
+    return play_chunks("train")[0]
 
 
 def unit(x: jax.Array) -> jax.Array:
@@ -95,17 +88,17 @@ def unit(x: jax.Array) -> jax.Array:
 
 
 def make_step(student, teacher, tx, relation_weight: float):
-    """The jitted step (params, opt_state, teacher variables, ids, types) -> (.., metrics)."""
+    """The jitted step (params, opt_state, teacher variables, ids) -> (.., metrics)."""
     last = {"student": student.num_layers - 1, "teacher": teacher.num_layers - 1}
     taps = {name: [f"layer_{i}/attn/{p}" for p in PROJECTIONS] for name, i in last.items()}
 
-    def loss_fn(params, teacher_variables, ids, types):
+    def loss_fn(params, teacher_variables, ids):
         keep = ids != student.pad_id
         s_pooled, s_feats, _ = apply_with_taps(
-            student, {"params": params}, ids, types, taps=taps["student"]
+            student, {"params": params}, ids, taps=taps["student"]
         )
         t_pooled, t_feats, _ = apply_with_taps(
-            teacher, teacher_variables, ids, types, taps=taps["teacher"]
+            teacher, teacher_variables, ids, taps=taps["teacher"]
         )
         t_pooled, t_feats = jax.lax.stop_gradient((t_pooled, t_feats))
         embedding = jnp.mean(jnp.sum((unit(s_pooled) - unit(t_pooled)) ** 2, axis=-1))
@@ -119,27 +112,17 @@ def make_step(student, teacher, tx, relation_weight: float):
         return loss, {"loss": loss, "embedding_mse": embedding, "relation": relation}
 
     @jax.jit
-    def step(params, opt_state, teacher_variables, ids, types):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, teacher_variables, ids, types)
+    def step(params, opt_state, teacher_variables, ids):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, teacher_variables, ids)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return step
 
 
-def embed_all(forward, ids, types, batch: int = 64) -> np.ndarray:
-    """Unit sentence embeddings of padded token arrays, `batch` rows per call."""
-    out = [
-        np.asarray(forward(ids[i : i + batch], types[i : i + batch]))
-        for i in range(0, len(ids), batch)
-    ]
-    e = np.concatenate(out)
-    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-
-
-def student_embeddings(forward, params, held: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Unit embeddings of `held` (ids, types) by `forward(params, ids, types)`."""
-    return embed_all(lambda x, t: forward(params, x, t), *held)
+def student_embeddings(forward, params, batches) -> np.ndarray:
+    """Unit embeddings of token batches by `forward(params, ids)`."""
+    return embeddings(lambda ids: forward(params, ids), batches)
 
 
 def teacher_embeddings(path, teacher_forward, held_out) -> dict[str, np.ndarray]:
@@ -148,7 +131,7 @@ def teacher_embeddings(path, teacher_forward, held_out) -> dict[str, np.ndarray]
         with np.load(path) as cached:
             if set(cached.files) == set(held_out):
                 return {k: cached[k] for k in held_out}
-    computed = {k: embed_all(teacher_forward, *v) for k, v in held_out.items()}
+    computed = {k: embeddings(teacher_forward, v) for k, v in held_out.items()}
     np.savez(path, **computed)
     return computed
 
@@ -175,14 +158,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def speed(teacher, teacher_variables, student, params, ids, types) -> dict[str, float]:
-    """Median ms per forward of a batch for teacher and student, sampled side by side."""
+def speed(teacher, teacher_variables, student, params, ids) -> dict[str, float]:
+    """Median ms per forward of the batch `ids` for teacher and student, sampled side by side."""
     run = {
-        "teacher": jax.jit(lambda x, t: teacher.apply(teacher_variables, x, t)),
-        "student": jax.jit(lambda x, t: student.apply({"params": params}, x, t)),
+        "teacher": jax.jit(lambda x: teacher.apply(teacher_variables, x)),
+        "student": jax.jit(lambda x: student.apply({"params": params}, x)),
     }
-    x, t = jnp.asarray(ids[:SPEED_BATCH]), jnp.asarray(types[:SPEED_BATCH])
-    samples, _ = time_interleaved({k: (lambda f=f: f(x, t)) for k, f in run.items()}, repeats=15)
+    samples, _ = time_interleaved({k: (lambda f=f: f(ids)) for k, f in run.items()}, repeats=15)
     ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
     ratios = [a / b for a, b in zip(samples["teacher"], samples["student"], strict=True)]
     return {
@@ -201,8 +183,8 @@ def train(
     )
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     step = make_step(student, encoder.module, tx, args.relation_weight)
-    ids, types = tokens(encoder, train_passages())
-    forward = jax.jit(lambda p, x, t: student.apply({"params": p}, x, t))
+    ids = padded_ids(encoder, train_passages(), MAX_TOKENS)
+    forward = jax.jit(lambda p, x: student.apply({"params": p}, x))
     opt_state, rng = tx.init(params), np.random.default_rng(args.seed)
     order, position, log, seconds = rng.permutation(len(ids)), 0, [], 0.0
     best = (-1.0, params)
@@ -222,9 +204,7 @@ def train(
         rows = order[position : position + args.batch_size]
         position += args.batch_size
         start = time.perf_counter()
-        params, opt_state, metrics = step(
-            params, opt_state, encoder.variables, ids[rows], types[rows]
-        )
+        params, opt_state, metrics = step(params, opt_state, encoder.variables, ids[rows])
         jax.block_until_ready(params)
         seconds += time.perf_counter() - start
         log[-1].setdefault("train_loss", float(metrics["loss"]))
@@ -262,14 +242,17 @@ def main(argv: list[str] | None = None) -> None:
     student, params, mapping = student_from_teacher(encoder, args.layers)
     params = params["params"]
     held_out = {
-        "validation": tokens(encoder, passages("validation", args.validation, args.seed + 1)[0]),
-        "test": tokens(encoder, passages("test", args.evaluation, args.seed)[0]),
+        split: token_batches(encoder, passages(split, count, seed)[0], MAX_TOKENS, SPEED_BATCH)
+        for split, count, seed in (
+            ("validation", args.validation, args.seed + 1),
+            ("test", args.evaluation, args.seed),
+        )
     }
-    teacher_forward = jax.jit(lambda x, t: teacher.apply(encoder.variables, x, t))
+    teacher_forward = jax.jit(lambda x: teacher.apply(encoder.variables, x))
     reference = teacher_embeddings(
         os.path.join(args.out, "teacher_embeddings.npz"), teacher_forward, held_out
     )
-    forward = jax.jit(lambda p, x, t: student.apply({"params": p}, x, t))
+    forward = jax.jit(lambda p, x: student.apply({"params": p}, x))
 
     def evaluate(p):
         out = {}
@@ -309,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         "log": log,
         "teacher_params": count_params(encoder.variables["params"]),
         "student_params": count_params(best),
-        "speed": speed(teacher, encoder.variables, student, best, *held_out["test"]),
+        "speed": speed(teacher, encoder.variables, student, best, held_out["test"][0]),
     }
     report["size_ratio"] = report["student_params"] / report["teacher_params"]
     print(json.dumps({k: report[k] for k in ("copied", "distilled", "speed", "size_ratio")}))

@@ -43,18 +43,24 @@ LAYERS = r"layer_\d+/.*/kernel"
 PROBE_C = (0.1, 1.0, 10.0, 100.0)
 
 
-def passages(split: str, count: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """`count` seeded 256-byte passages (non-overlapping chunks) of the split's plays.
-
-    Returns:
-      (the passages, the index in `GENRES` of each one's play's genre).
-    """
+def play_chunks(split: str) -> tuple[list[str], list[int]]:
+    """Every non-overlapping 256-byte chunk of the split's plays, and its genre's index."""
     chunks, genres = [], []
     for genre, play in split_plays()[split]:
         data = (plays_directory() / genre / f"{play}.md").read_bytes()
         for start in range(0, len(data) - PASSAGE_BYTES + 1, PASSAGE_BYTES):
             chunks.append(data[start : start + PASSAGE_BYTES].decode("utf-8", "ignore"))
             genres.append(GENRES.index(genre))
+    return chunks, genres
+
+
+def passages(split: str, count: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """`count` seeded 256-byte passages (non-overlapping chunks) of the split's plays.
+
+    Returns:
+      (the passages, the index in `GENRES` of each one's play's genre).
+    """
+    chunks, genres = play_chunks(split)
     chosen = np.random.default_rng(seed).choice(len(chunks), size=count, replace=False)
     return [chunks[i] for i in chosen], np.asarray(genres)[chosen]
 
@@ -77,10 +83,20 @@ def fit_probe(train, validation) -> tuple[LogisticRegression, float]:
     return best[2], best[1]
 
 
-def token_batches(encoder, texts):
-    ids, _ = encoder.tokenize(texts, MAX_TOKENS)  # one segment: every token type is 0
-    ids = np.concatenate([ids, np.zeros((len(ids), MAX_TOKENS - ids.shape[1]), np.int32)], 1)
-    return [jnp.asarray(ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
+def padded_ids(encoder, texts, length: int) -> np.ndarray:
+    """Token ids (N, length) of texts, truncated and padded with the encoder's pad id.
+
+    One segment per text, so every token type is 0 (the encoder's default).
+    """
+    ids, _ = encoder.tokenize(texts, length)
+    pad = np.full((len(ids), length - ids.shape[1]), encoder.module.pad_id, np.int32)
+    return np.concatenate([ids, pad], 1)
+
+
+def token_batches(encoder, texts, length: int = MAX_TOKENS, batch: int = BATCH):
+    """`padded_ids` in device batches of `batch` rows."""
+    ids = padded_ids(encoder, texts, length)
+    return [jnp.asarray(ids[i : i + batch]) for i in range(0, len(ids), batch)]
 
 
 def embeddings(forward, batches) -> np.ndarray:

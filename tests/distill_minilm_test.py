@@ -48,13 +48,12 @@ def tiny():
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 50, size=(6, 16)).astype(np.int32)
     ids[:, 11:] = 0  # padding
-    types = np.zeros_like(ids)
-    variables = teacher.init(jax.random.PRNGKey(0), ids, types)
-    return _Encoder(teacher, variables), ids, types
+    variables = teacher.init(jax.random.PRNGKey(0), ids)
+    return _Encoder(teacher, variables), ids
 
 
 def test_student_copies_the_mapped_layers_and_embeddings(tiny):
-    encoder, ids, types = tiny
+    encoder, ids = tiny
     student, variables, mapping = distill_minilm.student_from_teacher(encoder, 2)
     assert student.num_layers == 2 and mapping == [1, 3]
     params, teacher_params = variables["params"], encoder.variables["params"]
@@ -68,28 +67,28 @@ def test_student_copies_the_mapped_layers_and_embeddings(tiny):
         )
     same, same_variables, _ = distill_minilm.student_from_teacher(encoder, 4)
     np.testing.assert_array_equal(
-        same.apply(same_variables, ids, types), encoder.module.apply(encoder.variables, ids, types)
+        same.apply(same_variables, ids), encoder.module.apply(encoder.variables, ids)
     )
 
 
-def _step_metrics(encoder, student, params, ids, types):
+def _step_metrics(encoder, student, params, ids):
     tx = optax.sgd(0.0)
     step = distill_minilm.make_step(student, encoder.module, tx, relation_weight=1.0)
-    _, _, metrics = step(params, tx.init(params), encoder.variables, ids, types)
+    _, _, metrics = step(params, tx.init(params), encoder.variables, ids)
     return {k: float(v) for k, v in metrics.items()}
 
 
 def test_loss_is_zero_for_a_copy_and_the_embedding_term_is_two_minus_two_cosines(tiny):
-    encoder, ids, types = tiny
+    encoder, ids = tiny
     same, same_variables, _ = distill_minilm.student_from_teacher(encoder, 4)
-    metrics = _step_metrics(encoder, same, same_variables["params"], ids, types)
+    metrics = _step_metrics(encoder, same, same_variables["params"], ids)
     assert metrics["embedding_mse"] == pytest.approx(0.0, abs=1e-10)
     assert metrics["relation"] == pytest.approx(0.0, abs=1e-6)
 
     student, variables, _ = distill_minilm.student_from_teacher(encoder, 1)
-    metrics = _step_metrics(encoder, student, variables["params"], ids, types)
-    s = np.asarray(student.apply(variables, ids, types), np.float64)
-    t = np.asarray(encoder.module.apply(encoder.variables, ids, types), np.float64)
+    metrics = _step_metrics(encoder, student, variables["params"], ids)
+    s = np.asarray(student.apply(variables, ids), np.float64)
+    t = np.asarray(encoder.module.apply(encoder.variables, ids), np.float64)
     cosine = np.sum(s * t, 1) / np.linalg.norm(s, axis=1) / np.linalg.norm(t, axis=1)
     assert metrics["embedding_mse"] == pytest.approx(np.mean(2 - 2 * cosine), rel=1e-4)
     assert metrics["relation"] > 1e-4
@@ -97,10 +96,10 @@ def test_loss_is_zero_for_a_copy_and_the_embedding_term_is_two_minus_two_cosines
 
 
 def test_padding_tokens_do_not_change_the_loss(tiny):
-    encoder, ids, types = tiny
+    encoder, ids = tiny
     student, variables, _ = distill_minilm.student_from_teacher(encoder, 1)
-    short = _step_metrics(encoder, student, variables["params"], ids[:, :11], types[:, :11])
-    padded = _step_metrics(encoder, student, variables["params"], ids, types)
+    short = _step_metrics(encoder, student, variables["params"], ids[:, :11])
+    padded = _step_metrics(encoder, student, variables["params"], ids)
     for name in ("embedding_mse", "relation"):
         assert padded[name] == pytest.approx(short[name], rel=1e-4)
 
