@@ -277,11 +277,11 @@ def _tiny_tensors(seed=0):
     return tensors
 
 
-def _write_tiny(directory: Path, tensors) -> Path:
-    config = {
+def _tiny_config() -> dict:
+    """The BERT config.json sizes of the tiny model."""
+    return {
         "model_type": "bert",
         "hidden_act": "gelu",
-        "position_embedding_type": "absolute",
         "vocab_size": len(TINY_VOCAB),
         "num_hidden_layers": TINY["layers"],
         "hidden_size": TINY["width"],
@@ -289,6 +289,12 @@ def _write_tiny(directory: Path, tensors) -> Path:
         "intermediate_size": TINY["mlp"],
         "max_position_embeddings": TINY["positions"],
         "type_vocab_size": TINY["types"],
+    }
+
+
+def _write_tiny(directory: Path, tensors) -> Path:
+    config = _tiny_config() | {
+        "position_embedding_type": "absolute",
         "pad_token_id": 0,
         "layer_norm_eps": 1e-12,
     }
@@ -370,19 +376,7 @@ def test_a_config_or_pooling_kdq_cannot_express_is_refused(tmp_path):
 
 
 def test_bert_params_transposes_linear_weights():
-    module = encoder_from_config(
-        {
-            "model_type": "bert",
-            "hidden_act": "gelu",
-            "vocab_size": len(TINY_VOCAB),
-            "num_hidden_layers": TINY["layers"],
-            "hidden_size": TINY["width"],
-            "num_attention_heads": TINY["heads"],
-            "intermediate_size": TINY["mlp"],
-            "max_position_embeddings": TINY["positions"],
-            "type_vocab_size": TINY["types"],
-        }
-    )
+    module = encoder_from_config(_tiny_config())
     tensors = _tiny_tensors()
     params = bert_params(tensors, module)
     up = tensors["encoder.layer.1.intermediate.dense.weight"]
